@@ -1,0 +1,1 @@
+"""Placement planner: profiler, latency model, cluster simulator, placement search."""
