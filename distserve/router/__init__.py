@@ -1,0 +1,1 @@
+"""The router: request front (gRPC + HTTP), routing policies, prefix index, instance registry."""
