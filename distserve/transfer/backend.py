@@ -1,0 +1,88 @@
+"""The point-to-point interface KV transfer runs on, and the registry of its implementations.
+
+Owns :class:`TransferBackend` (post a non-blocking send or receive of one flat byte buffer to or
+from a peer rank), :class:`PendingOp` (poll it without blocking) and the name → class registry
+used by configuration (``gloo``, ``nccl``, ``inprocess``; ``auto`` picks nccl for a CUDA cache
+and gloo otherwise). It does not know about blocks, heads or transfers.
+
+A backend matches messages between one pair of ranks in the order they were posted, and
+carries no tags: that is NCCL's model, and the gloo backend keeps to it (one constant tag) so
+that the ordering the sender enforces is what the gloo tests check.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+
+class TransferBackendError(RuntimeError):
+    """A posted send or receive failed (peer gone, size mismatch, communicator error)."""
+
+
+class PendingOp(abc.ABC):
+    """One posted ``isend`` or ``irecv``."""
+
+    @abc.abstractmethod
+    def is_done(self) -> bool:
+        """True once the op has completed; never blocks. Raises TransferBackendError on failure."""
+
+
+class TransferBackend(abc.ABC):
+    """Non-blocking point-to-point transport between global ranks."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def wire_device(self, cache_device: torch.device) -> torch.device:
+        """Where message buffers must live for a cache on ``cache_device``."""
+
+    @abc.abstractmethod
+    def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
+        """Post a send of the whole (contiguous, uint8) ``message`` to global rank ``peer_rank``."""
+
+    @abc.abstractmethod
+    def irecv(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
+        """Post a receive of exactly ``message.numel()`` bytes from ``peer_rank`` into it."""
+
+
+_B = TypeVar("_B", bound=type[TransferBackend])
+_BACKENDS: dict[str, type[TransferBackend]] = {}
+
+
+def register_backend(cls: _B) -> _B:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if cls.name in _BACKENDS or cls.name == "auto":
+        raise ValueError(f"transfer backend name {cls.name!r} is already taken")
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def _load_builtin_backends() -> None:
+    # Imported here rather than at module top so that this module stays import-cycle free.
+    from distserve.transfer import inprocess_backend, torch_backends  # noqa: F401
+
+
+def backend_names() -> list[str]:
+    _load_builtin_backends()
+    return ["auto", *sorted(_BACKENDS)]
+
+
+def resolve_backend_name(name: str, cache_device: torch.device) -> str:
+    """``auto`` → ``nccl`` for a CUDA cache, ``gloo`` otherwise; other names pass through."""
+    if name == "auto":
+        return "nccl" if cache_device.type == "cuda" else "gloo"
+    return name
+
+
+def create_backend(name: str, cache_device: torch.device, **kwargs: Any) -> TransferBackend:
+    """Build the backend called ``name`` (config's ``transfer.backend``) for a cache on a device."""
+    _load_builtin_backends()
+    resolved = resolve_backend_name(name, cache_device)
+    factory: Callable[..., TransferBackend] | None = _BACKENDS.get(resolved)
+    if factory is None:
+        raise ValueError(f"unknown transfer backend {name!r}; expected one of {backend_names()}")
+    return factory(**kwargs)
