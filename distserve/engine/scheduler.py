@@ -62,6 +62,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions_total = 0
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -156,4 +157,5 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions_total += 1
         self.waiting.appendleft(req)
