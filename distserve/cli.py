@@ -16,20 +16,48 @@ from collections.abc import Callable, Sequence
 
 # name -> (module, add-arguments function, run function, one-line help)
 _COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "serve": ("distserve.launch.serve", "add_serve_arguments", "run_serve",
-              "run a whole cluster (router + prefill + decode) on this machine"),
-    "generate": ("distserve.client.cli", "add_generate_arguments", "run_generate",
-                 "send one request to a running router"),
-    "launch": ("distserve.launch.launch", "add_launch_arguments", "run_launch",
-               "the per-rank entry point under torchrun"),
-    "router": ("distserve.launch.router_main", "add_router_arguments", "run_router",
-               "run the router alone"),
-    "bench": ("distserve.bench.cli", "add_bench_arguments", "run_bench",
-              "load generator and SLO report against a running endpoint"),
-    "profile": ("placement.cli", "add_profile_arguments", "run_profile",
-                "measure this hardware's latency and bandwidth for the planner"),
-    "plan": ("placement.cli", "add_plan_arguments", "run_plan",
-             "choose each phase's parallelism and pool sizes from SLOs"),
+    "serve": (
+        "distserve.launch.serve",
+        "add_serve_arguments",
+        "run_serve",
+        "run a whole cluster (router + prefill + decode) on this machine",
+    ),
+    "generate": (
+        "distserve.client.cli",
+        "add_generate_arguments",
+        "run_generate",
+        "send one request to a running router",
+    ),
+    "launch": (
+        "distserve.launch.launch",
+        "add_launch_arguments",
+        "run_launch",
+        "the per-rank entry point under torchrun",
+    ),
+    "router": (
+        "distserve.launch.router_main",
+        "add_router_arguments",
+        "run_router",
+        "run the router alone",
+    ),
+    "bench": (
+        "distserve.bench.cli",
+        "add_bench_arguments",
+        "run_bench",
+        "load generator and SLO report against a running endpoint",
+    ),
+    "profile": (
+        "placement.cli",
+        "add_profile_arguments",
+        "run_profile",
+        "measure this hardware's latency and bandwidth for the planner",
+    ),
+    "plan": (
+        "placement.cli",
+        "add_plan_arguments",
+        "run_plan",
+        "choose each phase's parallelism and pool sizes from SLOs",
+    ),
 }
 
 
@@ -38,8 +66,12 @@ def _add_make_tiny_model(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("out_dir", help="folder to write the checkpoint into")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llama")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: fast tests; small-100m: ~76M parameters for benchmarks")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="tiny: fast tests; small-100m: ~76M parameters for benchmarks",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--hidden-size", type=int)
@@ -48,19 +80,38 @@ def _add_make_tiny_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intermediate-size", type=int)
     parser.add_argument("--max-position-embeddings", type=int)
     parser.add_argument("--rope-theta", type=float)
-    parser.add_argument("--rope-scaling", type=json.loads, help='JSON, e.g. \'{"rope_type": "linear", "factor": 2.0}\'')
+    parser.add_argument(
+        "--rope-scaling",
+        type=json.loads,
+        help='JSON, e.g. \'{"rope_type": "linear", "factor": 2.0}\'',
+    )
     parser.add_argument("--tie-word-embeddings", action="store_true", default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--shard-size", type=int, help="bytes per safetensors shard (writes a sharded checkpoint)")
+    parser.add_argument(
+        "--shard-size", type=int, help="bytes per safetensors shard (writes a sharded checkpoint)"
+    )
 
 
 def _run_make_tiny_model(args: argparse.Namespace) -> int:
     from distserve.model.tiny_model import make_tiny_model
 
-    keys = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size", "max_position_embeddings",
-            "rope_theta", "rope_scaling", "tie_word_embeddings", "dtype", "shard_size")
+    keys = (
+        "layers",
+        "hidden_size",
+        "heads",
+        "kv_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "rope_theta",
+        "rope_scaling",
+        "tie_word_embeddings",
+        "dtype",
+        "shard_size",
+    )
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    out = make_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, preset=args.preset, **overrides)
+    out = make_tiny_model(
+        args.out_dir, arch=args.arch, seed=args.seed, preset=args.preset, **overrides
+    )
     print(f"wrote a random {args.arch} checkpoint ({args.preset}) to {out}")
     return 0
 
@@ -76,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distserve", description="LLM serving with disaggregated prefill and decode."
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -99,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return args._runners[args.command](args)

@@ -25,13 +25,17 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-            raise ValueError(f"cache.block_size must be a power of two in [1, 256], got {self.block_size}")
+            raise ValueError(
+                f"cache.block_size must be a power of two in [1, 256], got {self.block_size}"
+            )
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"cache.num_blocks must be >= 1, got {self.num_blocks}")
         if not self.cpu_memory_gib > 0:
             raise ValueError(f"cache.cpu_memory_gib must be > 0, got {self.cpu_memory_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"cache.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError(
+                f"cache.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,9 @@ def generate(out_dir: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     args = parser.parse_args()
     if not args.check:
@@ -70,7 +72,9 @@ def main() -> int:
         cmp = filecmp.dircmp(tmp, OUT, ignore=["__pycache__"])
         stale = cmp.left_only + cmp.right_only + cmp.diff_files
         if stale:
-            print(f"distserve/_proto is out of date ({', '.join(sorted(stale))}); run scripts/gen_proto.py")
+            print(
+                f"distserve/_proto is out of date ({', '.join(sorted(stale))}); run scripts/gen_proto.py"
+            )
             return 1
     print("distserve/_proto is current")
     return 0

@@ -28,7 +28,9 @@ def tiny_models(tmp_path_factory):
     def get(arch: str = "llama", seed: int = 0, **overrides) -> Path:
         key = (arch, seed, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
         if key not in made:
-            made[key] = make_tiny_model(root / f"m{len(made)}-{arch}", arch=arch, seed=seed, **overrides)
+            made[key] = make_tiny_model(
+                root / f"m{len(made)}-{arch}", arch=arch, seed=seed, **overrides
+            )
         return made[key]
 
     return get

@@ -29,7 +29,9 @@ def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, parent_hash: int = ROOT_HASH) -> list[int]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, parent_hash: int = ROOT_HASH
+) -> list[int]:
     """Hashes of every *full* block of ``token_ids``; a trailing partial block is not hashed."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")

@@ -39,7 +39,9 @@ class IncrementalDetokenizer:
         self._stop = tuple(stop)
         self._include_stop = include_stop_str_in_output
         self._skip_special = skip_special_tokens
-        self._hold = max((len(s) for s in self._stop), default=1) - 1  # chars kept back for stop matching
+        self._hold = (
+            max((len(s) for s in self._stop), default=1) - 1
+        )  # chars kept back for stop matching
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0

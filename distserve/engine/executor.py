@@ -60,7 +60,10 @@ def _rank_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) -
     if spec.device.startswith("cuda"):
         spec = WorkerSpec(**{**spec.__dict__, "device": f"cuda:{rank}"})
     dist.init_process_group(
-        _backend_for(spec.device), init_method=init_method, rank=rank, world_size=world_size,
+        _backend_for(spec.device),
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(minutes=30),
     )
     try:
@@ -74,7 +77,9 @@ class SpawnedTPExecutor(Executor):
     def __init__(self, spec: WorkerSpec, tp_size: int) -> None:
         assert tp_size > 1
         if dist.is_initialized():
-            raise RuntimeError("SpawnedTPExecutor needs a process without a torch.distributed world")
+            raise RuntimeError(
+                "SpawnedTPExecutor needs a process without a torch.distributed world"
+            )
         init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
         self._procs = [
@@ -86,7 +91,10 @@ class SpawnedTPExecutor(Executor):
         self._closed = False
         try:
             dist.init_process_group(
-                _backend_for(spec.device), init_method=init_method, rank=0, world_size=tp_size,
+                _backend_for(spec.device),
+                init_method=init_method,
+                rank=0,
+                world_size=tp_size,
                 timeout=timedelta(minutes=30),
             )
             self.worker = Worker(spec, TensorParallelGroup(0, tp_size, dist.group.WORLD))

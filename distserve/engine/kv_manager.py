@@ -17,14 +17,18 @@ from distserve.engine.request import Request
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
         self._blocks: dict[str, list[Block]] = {}
-        self._num_cached_blocks: dict[str, int] = {}  # leading blocks already registered in the cache
+        self._num_cached_blocks: dict[
+            str, int
+        ] = {}  # leading blocks already registered in the cache
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -66,13 +70,17 @@ class KVCacheManager:
         hits: list[Block] = []
         for i, block_hash in enumerate(request.block_hashes[:max_blocks]):
             start = i * self.block_size
-            block = self.pool.lookup(block_hash, tuple(request.token_slice(start, start + self.block_size)))
+            block = self.pool.lookup(
+                block_hash, tuple(request.token_slice(start, start + self.block_size))
+            )
             if block is None:
                 break
             hits.append(block)
         return hits
 
-    def can_allocate(self, request: Request, num_new_tokens: int, cached: Sequence[Block] = ()) -> bool:
+    def can_allocate(
+        self, request: Request, num_new_tokens: int, cached: Sequence[Block] = ()
+    ) -> bool:
         held = len(self._blocks.get(request.request_id, ())) + len(cached)
         need = self.num_blocks_needed(request.num_computed_tokens + num_new_tokens) - held
         # Cache hits sitting in the free queue stop being free once touched.

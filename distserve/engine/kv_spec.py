@@ -33,7 +33,9 @@ class KVCacheSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPE_BYTES:
-            raise ValueError(f"unsupported KV dtype {self.dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+            raise ValueError(
+                f"unsupported KV dtype {self.dtype!r}; expected one of {sorted(_DTYPE_BYTES)}"
+            )
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"KVCacheSpec.{name} must be positive, got {getattr(self, name)}")

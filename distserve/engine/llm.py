@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from distserve.config import CacheConfig, EngineConfig, ParallelConfig
 from distserve.engine.detokenizer import IncrementalDetokenizer
@@ -68,7 +69,9 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
             ),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs
+            ),
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
@@ -103,7 +106,10 @@ class LLM:
             rid = f"llm-{next(self._ids)}"
             req = self.engine.add_request(rid, ids, params)
             detok = IncrementalDetokenizer(
-                self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+                self.tokenizer,
+                params.stop,
+                params.include_stop_str_in_output,
+                params.skip_special_tokens,
             )
             states[rid] = _Pending(prompt if isinstance(prompt, str) else None, req, detok)
             order.append(rid)
@@ -164,7 +170,9 @@ class _Pending:
             text=self.detok.text,
             finish_reason=finish_reason,
             num_cached_tokens=req.num_cached_tokens,
-            logprobs=list(req.output_logprobs) if req.sampling_params.logprobs is not None else None,
+            logprobs=list(req.output_logprobs)
+            if req.sampling_params.logprobs is not None
+            else None,
         )
 
 
@@ -178,13 +186,16 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         return [prompts]  # one prompt given as token ids
     for p in prompts:
         if not isinstance(p, str) and not (
-            isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+            isinstance(p, (list, tuple))
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
         ):
-            raise ValueError(f"each prompt must be a string or a list of token ids, got {type(p).__name__}")
+            raise ValueError(
+                f"each prompt must be a string or a list of token ids, got {type(p).__name__}"
+            )
     return prompts
 
 
-def _progress(total: int):  # noqa: ANN202 - tqdm type is optional
+def _progress(total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc="generating", unit="req")

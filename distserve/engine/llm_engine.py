@@ -102,7 +102,9 @@ class LLMEngine:
             attention_backend=config.attention_backend,
             num_threads=num_threads,
         )
-        self.executor: Executor = SpawnedTPExecutor(spec, tp_size) if tp_size > 1 else UniprocExecutor(spec)
+        self.executor: Executor = (
+            SpawnedTPExecutor(spec, tp_size) if tp_size > 1 else UniprocExecutor(spec)
+        )
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.requests: dict[str, Request] = {}
@@ -110,7 +112,13 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         logger.info(
             "engine ready: %s on %s (%s), TP=%d, %d KV blocks of %d tokens, max_model_len=%d",
-            config.model, self.device, self.dtype, tp_size, num_blocks, cache.block_size, self.max_model_len,
+            config.model,
+            self.device,
+            self.dtype,
+            tp_size,
+            num_blocks,
+            cache.block_size,
+            self.max_model_len,
         )
 
     def _blocks_for_memory(self, tp_size: int) -> int:
@@ -119,11 +127,15 @@ class LLMEngine:
             budget = self.config.cache.cpu_memory_gib * 2**30
         else:
             free, _total = torch.cuda.mem_get_info(torch.device(self.device))
-            weights = 1.2 * _estimate_weight_bytes(self.model_config, self.kv_spec.dtype_bytes) / tp_size
+            weights = (
+                1.2 * _estimate_weight_bytes(self.model_config, self.kv_spec.dtype_bytes) / tp_size
+            )
             budget = max(0.0, free * self.config.cache.gpu_memory_utilization - weights)
         num_blocks = int(budget // block_bytes)
         if num_blocks < 1:
-            raise ValueError("not enough memory for a single KV block; raise the cache memory settings")
+            raise ValueError(
+                "not enough memory for a single KV block; raise the cache memory settings"
+            )
         return num_blocks
 
     # ---- requests ------------------------------------------------------------------------
@@ -157,7 +169,9 @@ class LLMEngine:
         if len(prompt_token_ids) == 0:
             raise ValueError("prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        bad = next(
+            (t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None
+        )
         if bad is not None:
             raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -209,7 +223,9 @@ class LLMEngine:
                 req.finished_s = now
                 finish_reason = req.status.value
                 self.requests.pop(req.request_id, None)
-            outputs.append(EngineOutput(req.request_id, [tokens[j]], [lp] if lp else [], finish_reason))
+            outputs.append(
+                EngineOutput(req.request_id, [tokens[j]], [lp] if lp else [], finish_reason)
+            )
         return outputs
 
     def shutdown(self) -> None:

@@ -37,7 +37,11 @@ class RequestStatus(enum.Enum):
         return self in _FINISHED
 
 
-_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+}
 
 
 @dataclass
@@ -65,7 +69,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (first) admission
     num_preemptions: int = 0
-    block_hashes: list[int] = field(default_factory=list)  # hashes of every full block of all tokens
+    block_hashes: list[int] = field(
+        default_factory=list
+    )  # hashes of every full block of all tokens
     generator: torch.Generator | None = None  # per-request RNG when the request has a seed
     first_token_s: float | None = None
     finished_s: float | None = None

@@ -16,7 +16,9 @@ import torch
 from distserve.engine.request import Request, TokenLogprobs
 
 
-def sample(logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+def sample(
+    logits: torch.Tensor, requests: Sequence[Request]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Sample one token per row of ``logits`` (float32 [n, vocab]) for ``requests`` (same order)."""
     n = logits.shape[0]
     assert n == len(requests)

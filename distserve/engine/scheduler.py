@@ -29,7 +29,9 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
@@ -113,7 +115,12 @@ class Scheduler:
                 i += 1
 
         # New work only when nothing had to be preempted: the pool is under pressure otherwise.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not batch.preempted:
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and not batch.preempted
+        ):
             req = self.waiting[0]
             cached = self.kv.find_cached_prefix(req)
             num_cached_tokens = len(cached) * self.kv.block_size

@@ -21,7 +21,9 @@ class StepInputs:
     input_ids: torch.Tensor  # int64 [T]: the new tokens of every scheduled request, concatenated
     positions: torch.Tensor  # int64 [T]: their positions in their own sequences
     attn: AttentionMetadata
-    logits_indices: torch.Tensor  # int64 [S]: rows of T whose logits are sampled (one per sampling request)
+    logits_indices: (
+        torch.Tensor
+    )  # int64 [S]: rows of T whose logits are sampled (one per sampling request)
 
     def to(self, device: torch.device | str) -> StepInputs:
         attn = self.attn

@@ -38,7 +38,8 @@ class WorkerSpec:
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, tp: TensorParallelGroup = TensorParallelGroup()) -> None:
+    def __init__(self, spec: WorkerSpec, tp: TensorParallelGroup | None = None) -> None:
+        tp = tp or TensorParallelGroup()
         if spec.num_threads is not None and spec.device == "cpu":
             torch.set_num_threads(spec.num_threads)
         self.spec = spec
@@ -74,7 +75,9 @@ class Worker:
         return self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
 
 
-def broadcast_step(inputs: StepInputs | None, src: int, group: dist.ProcessGroup | None) -> StepInputs | None:
+def broadcast_step(
+    inputs: StepInputs | None, src: int, group: dist.ProcessGroup | None
+) -> StepInputs | None:
     """Driver → ranks: one step's inputs, or None to stop the worker loop."""
     box = [inputs]
     dist.broadcast_object_list(box, src=src, group=group)

@@ -25,7 +25,9 @@ def _assert_matches_hf(outputs, prompts, ref, atol=2e-4):
         for step, (lp, row) in enumerate(zip(out.logprobs, logprob_rows)):
             assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=atol), f"step {step}"
             for token_id, value in lp.top.items():
-                assert value == pytest.approx(float(row[token_id]), abs=atol), f"step {step} token {token_id}"
+                assert value == pytest.approx(float(row[token_id]), abs=atol), (
+                    f"step {step} token {token_id}"
+                )
 
 
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=5)
@@ -38,17 +40,36 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
         ("mistral", {}),
         ("qwen2", {}),
         ("llama", {"kv_heads": 1, "tie_word_embeddings": True}),
-        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 128}}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 128,
+                }
+            },
+        ),
     ],
     ids=["llama", "mistral", "qwen2", "llama-mqa-tied", "llama-rope-llama3"],
 )
 def test_greedy_batch_equals_hf(tiny_models, hf_reference, arch, overrides):
     path = tiny_models(arch, **overrides)
     ref = hf_reference(path)
-    lengths = [1, 7, 16, 33, 120, 300]  # 300 > the 128-token budget (chunked) and spans 75 blocks of 4
+    lengths = [
+        1,
+        7,
+        16,
+        33,
+        120,
+        300,
+    ]  # 300 > the 128-token budget (chunked) and spans 75 blocks of 4
     prompts = _prompts(ref.model.config.vocab_size, lengths)
-    llm = LLM(str(path), block_size=4, num_kv_blocks=1024, max_num_batched_tokens=128, max_num_seqs=8)
+    llm = LLM(
+        str(path), block_size=4, num_kv_blocks=1024, max_num_batched_tokens=128, max_num_seqs=8
+    )
     outputs = llm.generate(prompts, GREEDY)
     _assert_matches_hf(outputs, prompts, ref)
 
@@ -86,7 +107,9 @@ def test_eviction_under_small_pool_keeps_outputs(tiny_llama, hf_reference):
 def test_preemption_under_tiny_kv_budget_keeps_outputs(tiny_llama, hf_reference):
     ref = hf_reference(tiny_llama)
     # 8 requests of ~40 tokens growing to ~72 need ~18 blocks each; the pool holds 48.
-    llm = LLM(str(tiny_llama), block_size=4, num_kv_blocks=48, max_num_seqs=8, enable_prefix_caching=False)
+    llm = LLM(
+        str(tiny_llama), block_size=4, num_kv_blocks=48, max_num_seqs=8, enable_prefix_caching=False
+    )
     prompts = _prompts(ref.model.config.vocab_size, [40, 35, 41, 38, 30, 44, 39, 36], seed=3)
     outputs = llm.generate(prompts, GREEDY)
     assert llm.engine.scheduler.num_preemptions_total > 0
@@ -103,7 +126,9 @@ def test_eos_stops_like_hf_generate(tiny_llama):
     prompts = _prompts(hf.config.vocab_size, [5, 50, 17], seed=4)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, out in zip(prompts, outputs):
-        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[
+            0, len(prompt) :
+        ].tolist()
         assert out.token_ids == ids
         assert out.finish_reason == ("stop" if ids[-1] in llm.engine.eos_token_ids else "length")
 
@@ -115,22 +140,31 @@ def test_seeded_sampling_reproducible_and_top_k_1_is_greedy(tiny_llama):
     a = llm.generate(prompt * 3, sampled)
     b = llm.generate(prompt, sampled)
     assert a[0].token_ids == a[1].token_ids == a[2].token_ids == b[0].token_ids
-    other = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=124, ignore_eos=True))
+    other = llm.generate(
+        prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=124, ignore_eos=True)
+    )
     assert other[0].token_ids != a[0].token_ids
     greedy = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    top1 = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.8, top_k=1, ignore_eos=True))
+    top1 = llm.generate(
+        prompt, SamplingParams(max_tokens=16, temperature=0.8, top_k=1, ignore_eos=True)
+    )
     assert greedy[0].token_ids == top1[0].token_ids
 
 
 def test_text_prompts_stop_strings_and_detokenization(tiny_llama):
     llm = LLM(str(tiny_llama))
     tok = llm.tokenizer
-    out = llm.generate("héllo wörld 日本", SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
+    out = llm.generate(
+        "héllo wörld 日本", SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    )[0]
     assert out.prompt_token_ids == tok.encode("héllo wörld 日本", add_special_tokens=False)
     assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
     # Stop at a string taken from the greedy text itself: the text ends right before it.
     stop = out.text[10:13]
-    cut = llm.generate("héllo wörld 日本", SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
+    cut = llm.generate(
+        "héllo wörld 日本",
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop]),
+    )[0]
     assert cut.finish_reason == "stop"
     assert cut.text == out.text[: out.text.find(stop)]
 
@@ -156,7 +190,13 @@ def test_tensor_parallel_2_equals_hf(tiny_models, hf_reference, overrides):
     path = tiny_models("llama", **overrides)
     ref = hf_reference(path)
     prompts = _prompts(ref.model.config.vocab_size, [3, 40, 150], seed=5)
-    llm = LLM(str(path), tensor_parallel_size=2, block_size=8, num_kv_blocks=256, max_num_batched_tokens=64)
+    llm = LLM(
+        str(path),
+        tensor_parallel_size=2,
+        block_size=8,
+        num_kv_blocks=256,
+        max_num_batched_tokens=64,
+    )
     try:
         outputs = llm.generate(prompts, GREEDY)
     finally:

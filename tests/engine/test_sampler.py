@@ -14,7 +14,9 @@ def _req(**params) -> Request:
 
 def test_greedy_and_top_k_1_take_argmax():
     logits = torch.randn(3, 50)
-    tokens, _ = sample(logits, [_req(temperature=0.0), _req(temperature=1.0, top_k=1), _req(temperature=0.0)])
+    tokens, _ = sample(
+        logits, [_req(temperature=0.0), _req(temperature=1.0, top_k=1), _req(temperature=0.0)]
+    )
     assert tokens == logits.argmax(-1).tolist()
 
 
