@@ -1,0 +1,215 @@
+"""The router's prefix index: which instances hold which chained block hashes.
+
+Owns, per block hash (``distserve.engine.block_hash``; each hash names its whole prefix), the
+instances believed to hold it with their last access time, the parent link, a child count and
+the times of recent requests through it. Fed by the router's own assignments (``insert``, an
+optimistic claim made at dispatch time) and by instance events (``blocks_stored`` /
+``blocks_evicted``). It does not own any routing rule (``policies/``) or real KV memory.
+
+Because hashes are chained, the index is a trie with one block per node:
+
+    ROOT ─ h0 ─ h1 ─ h2 ─ h3          request A: h0 h1 h2 h3
+                  └─ h2' ─ h3'        request B: h0 h1 h2' h3'   (branch after h1)
+
+``match(hashes)`` walks the prompt's hashes once and narrows the set of instances still holding
+every block so far, so it costs O(prompt blocks × instances still matching), never a scan over
+the index. Per instance the held hashes are kept in LRU order (oldest first): a path is touched
+leaf first, so its root is the most recent and eviction takes leaves before their prefixes, as
+the engine's prefix cache does.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Entry:
+    parent: int | None  # hash of the previous block; None when only known from events
+    holders: dict[str, float] = field(default_factory=dict)  # instance -> last access (s)
+    num_children: int = 0  # entries whose parent is this hash
+    request_times: deque[float] = field(default_factory=deque)  # recent requests through it
+
+
+class PrefixIndex:
+    """Block hash → instances holding it; per instance an LRU view and an optional capacity."""
+
+    def __init__(self, window_s: float = 180.0) -> None:
+        if window_s <= 0:
+            raise ValueError(f"window_s must be positive, got {window_s}")
+        self.window_s = window_s
+        self._entries: dict[int, _Entry] = {}
+        self._by_instance: dict[str, dict[int, None]] = {}  # insertion order = LRU, oldest first
+        self._capacity: dict[str, int | None] = {}
+
+    # ---- instances -------------------------------------------------------------------------
+    def add_instance(self, instance_id: str, capacity_blocks: int | None = None) -> None:
+        """Track ``instance_id``; router claims beyond ``capacity_blocks`` drop its LRU blocks."""
+        self._by_instance.setdefault(instance_id, {})
+        self._capacity[instance_id] = capacity_blocks
+
+    def remove_instance(self, instance_id: str) -> int:
+        """Forget an instance and everything it held; returns the number of blocks dropped."""
+        held = self._by_instance.pop(instance_id, {})
+        self._capacity.pop(instance_id, None)
+        for h in held:
+            self._drop_holder(h, instance_id)
+        return len(held)
+
+    @property
+    def instances(self) -> list[str]:
+        return list(self._by_instance)
+
+    def num_blocks(self, instance_id: str) -> int:
+        return len(self._by_instance.get(instance_id, ()))
+
+    def lru_blocks(self, instance_id: str) -> Iterator[int]:
+        """The instance's blocks, least recently used first."""
+        return iter(self._by_instance.get(instance_id, ()))
+
+    # ---- updates ---------------------------------------------------------------------------
+    def insert(self, instance_id: str, hashes: Sequence[int], now_s: float) -> None:
+        """The router routed a prompt with these hashes to ``instance_id``: it will hold them."""
+        self._link_path(hashes)
+        self._hold(instance_id, reversed(hashes), now_s)
+
+    def record_request(self, hashes: Sequence[int], now_s: float) -> None:
+        """Count one request through each of these (already inserted) blocks, for windowed stats."""
+        for h in hashes:
+            entry = self._entries.get(h)
+            if entry is not None:
+                entry.request_times.append(now_s)
+
+    def blocks_stored(self, instance_id: str, hashes: Sequence[int], now_s: float = 0.0) -> None:
+        """Instance event: these blocks are now in its prefix cache (parents first)."""
+        self._hold(instance_id, reversed(hashes), now_s)
+
+    def blocks_evicted(self, instance_id: str, hashes: Iterable[int]) -> None:
+        """Instance event: these blocks left its prefix cache."""
+        held = self._by_instance.get(instance_id)
+        if held is None:
+            return
+        for h in hashes:
+            if h in held:
+                del held[h]
+                self._drop_holder(h, instance_id)
+
+    # ---- queries ---------------------------------------------------------------------------
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Per instance holding the first block, how many leading blocks of ``hashes`` it holds."""
+        result: dict[str, int] = {}
+        alive: set[str] | None = None
+        for depth, h in enumerate(hashes):
+            holders = self.holders(h)
+            if alive is None:
+                alive = set(holders)
+            else:
+                for iid in [i for i in alive if i not in holders]:
+                    result[iid] = depth
+                    alive.discard(iid)
+            if not alive:
+                return result
+        for iid in alive or ():
+            result[iid] = len(hashes)
+        return result
+
+    def deepest_present(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of ``hashes`` some instance holds (blocks, any instance)."""
+        depth = 0
+        for h in hashes:
+            entry = self._entries.get(h)
+            if entry is None or not entry.holders:
+                break
+            depth += 1
+        return depth
+
+    def holders(self, h: int) -> dict[str, float]:
+        """Instances holding block ``h`` (→ last access); empty when none. Do not mutate."""
+        entry = self._entries.get(h)
+        return entry.holders if entry is not None else {}
+
+    def is_branch(self, h: int) -> bool:
+        """Whether more than one distinct block follows ``h`` (a radix-tree node boundary)."""
+        entry = self._entries.get(h)
+        return entry is not None and entry.num_children > 1
+
+    def num_requests(self, h: int, now_s: float) -> int:
+        """Requests through block ``h`` in the last ``window_s`` seconds."""
+        entry = self._entries.get(h)
+        if entry is None:
+            return 0
+        times, horizon = entry.request_times, now_s - self.window_s
+        while times and times[0] < horizon:
+            times.popleft()
+        return len(times)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _link_path(self, hashes: Sequence[int]) -> None:
+        parent: int | None = None
+        for h in hashes:
+            entry = self._entries.get(h)
+            if entry is None:
+                self._entries[h] = _Entry(parent=parent)
+                if parent is not None:
+                    self._entries[parent].num_children += 1
+            elif entry.parent is None and parent is not None:
+                entry.parent = parent
+                self._entries[parent].num_children += 1
+            parent = h
+
+    def _hold(self, instance_id: str, hashes_leaf_first: Iterable[int], now_s: float) -> None:
+        held = self._by_instance.get(instance_id)
+        if held is None:
+            raise KeyError(f"unknown instance {instance_id!r}; call add_instance first")
+        for h in hashes_leaf_first:
+            entry = self._entries.get(h)
+            if entry is None:
+                entry = self._entries[h] = _Entry(parent=None)
+            entry.holders[instance_id] = now_s
+            held.pop(h, None)
+            held[h] = None
+        capacity = self._capacity.get(instance_id)
+        if capacity is not None:
+            while len(held) > capacity:
+                oldest = next(iter(held))
+                del held[oldest]
+                self._drop_holder(oldest, instance_id)
+
+    def _drop_holder(self, h: int, instance_id: str) -> None:
+        entry = self._entries.get(h)
+        if entry is None:
+            return
+        entry.holders.pop(instance_id, None)
+        # Garbage-collect held-by-nobody leaves, walking up while parents become such leaves.
+        while entry is not None and not entry.holders and entry.num_children == 0:
+            del self._entries[h]
+            parent = entry.parent
+            if parent is None:
+                return
+            entry = self._entries.get(parent)
+            assert entry is not None, "a linked parent outlives its children"
+            entry.num_children -= 1
+            h = parent
+
+    def check_consistency(self) -> None:
+        """Assert the index's internal invariants (tests call this)."""
+        for iid, held in self._by_instance.items():
+            for h in held:
+                assert iid in self._entries[h].holders, f"{iid} lists {h} but is not its holder"
+            cap = self._capacity.get(iid)
+            assert cap is None or len(held) <= cap, f"{iid} over capacity"
+        children: dict[int, int] = {}
+        for h, entry in self._entries.items():
+            for iid in entry.holders:
+                assert h in self._by_instance.get(iid, {}), f"holder {iid} of {h} does not list it"
+            if entry.parent is not None:
+                assert entry.parent in self._entries, f"parent of {h} missing"
+                children[entry.parent] = children.get(entry.parent, 0) + 1
+            assert entry.holders or entry.num_children, f"{h} is held by nobody and has no child"
+        for h, entry in self._entries.items():
+            assert entry.num_children == children.get(h, 0), f"child count of {h} is wrong"
