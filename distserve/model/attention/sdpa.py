@@ -1,0 +1,171 @@
+"""Paged attention with PyTorch ``scaled_dot_product_attention``; runs on CPU and GPU.
+
+A step's sequences are split into two groups when the plan is built (once per step, from the
+host-side lists in the metadata, so there is no device→host sync):
+
+* **decode** (one new token each): one ``index_select`` gathers every such sequence's blocks into
+  a padded ``[B, kv_heads, max_blocks * block_size, head_dim]`` batch and one SDPA call attends
+  with a key-padding mask. The query heads sharing a KV head are laid out as that head's query
+  rows (``[B, kv_heads, group, head_dim]``), which handles GQA/MQA without copying K/V and
+  measured fastest on CPU.
+* **prefill** (several new tokens): one SDPA per sequence. A first chunk attends to its own fresh
+  keys with ``is_causal``; a later chunk gathers its cached context and uses a causal mask
+  shifted by the number of cached tokens.
+
+Padded key slots (past a sequence's length) are masked out, but their bytes still enter the
+matmul, so the engine must allocate the cache with finite values (``torch.zeros``), never with
+``torch.empty``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distserve.model.attention.base import AttentionBackend, write_kv
+from distserve.model.attention_metadata import AttentionMetadata
+
+
+@dataclass
+class _DecodeGroup:
+    rows: torch.Tensor | None  # flat-batch rows of the decode tokens; None: all rows, in order
+    block_ids: torch.Tensor  # [num_seqs * num_blocks] cache blocks to gather, sequence-major
+    num_blocks: int  # blocks gathered per sequence (enough for the longest one)
+    key_mask: torch.Tensor  # bool [num_seqs, 1, 1, num_blocks * block_size]: True = real token
+
+
+@dataclass
+class _PrefillSeq:
+    token_start: int  # first row of this sequence in the flat batch
+    num_tokens: int  # new tokens of this sequence in this step
+    seq_len: int  # context length after this step
+    block_ids: torch.Tensor | None  # blocks holding the context; None: nothing was cached before
+    mask: torch.Tensor | None  # bool [num_tokens, seq_len] shifted-causal mask; None: is_causal
+
+
+@dataclass
+class _SdpaPlan:
+    attn: AttentionMetadata
+    decode: _DecodeGroup | None
+    prefills: list[_PrefillSeq]
+
+
+class SdpaBackend(AttentionBackend):
+    name = "sdpa"
+
+    @classmethod
+    def is_available(cls, device: torch.device) -> bool:
+        return True
+
+    def prepare(self, attn: AttentionMetadata) -> _SdpaPlan:
+        starts = [0]
+        for n in attn.query_lens_cpu:
+            starts.append(starts[-1] + n)
+        decode_ids = [i for i, n in enumerate(attn.query_lens_cpu) if n == 1]
+        prefills = [
+            self._plan_prefill(attn, i, starts[i])
+            for i, n in enumerate(attn.query_lens_cpu)
+            if n > 1
+        ]
+        decode = self._plan_decode(attn, decode_ids, starts) if decode_ids else None
+        return _SdpaPlan(attn, decode, prefills)
+
+    @staticmethod
+    def _plan_decode(
+        attn: AttentionMetadata, seq_ids: list[int], starts: list[int]
+    ) -> _DecodeGroup:
+        device = attn.block_tables.device
+        bs = attn.block_size
+        num_blocks = -(-max(attn.seq_lens_cpu[i] for i in seq_ids) // bs)
+        if len(seq_ids) == attn.num_seqs:
+            rows, block_tables, seq_lens = None, attn.block_tables, attn.seq_lens
+        else:
+            rows = torch.tensor([starts[i] for i in seq_ids], device=device)
+            index = torch.tensor(seq_ids, device=device)
+            block_tables, seq_lens = attn.block_tables[index], attn.seq_lens[index]
+        key_pos = torch.arange(num_blocks * bs, device=device)
+        key_mask = key_pos[None, :] < seq_lens[:, None]
+        block_ids = block_tables[:, :num_blocks].reshape(-1)
+        return _DecodeGroup(rows, block_ids, num_blocks, key_mask[:, None, None, :])
+
+    @staticmethod
+    def _plan_prefill(attn: AttentionMetadata, i: int, token_start: int) -> _PrefillSeq:
+        num_tokens, seq_len = attn.query_lens_cpu[i], attn.seq_lens_cpu[i]
+        num_cached = seq_len - num_tokens
+        if num_cached == 0:
+            return _PrefillSeq(token_start, num_tokens, seq_len, None, None)
+        device = attn.block_tables.device
+        block_ids = attn.block_tables[i, : -(-seq_len // attn.block_size)]
+        key_pos = torch.arange(seq_len, device=device)
+        query_pos = torch.arange(num_cached, seq_len, device=device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        return _PrefillSeq(token_start, num_tokens, seq_len, block_ids, mask)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache_layer: torch.Tensor,
+        plan: _SdpaPlan,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(kv_cache_layer, key, value, plan.attn.slot_mapping)
+        decode = plan.decode
+        if decode is not None and decode.rows is None:
+            return _decode(query, kv_cache_layer, decode, scale)
+        out = torch.empty_like(query)
+        if decode is not None:
+            assert decode.rows is not None
+            decoded = _decode(query.index_select(0, decode.rows), kv_cache_layer, decode, scale)
+            out.index_copy_(0, decode.rows, decoded)
+        for seq in plan.prefills:
+            rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+            out[rows] = _prefill(query[rows], key[rows], value[rows], kv_cache_layer, seq, scale)
+        return out
+
+
+def _decode(
+    query: torch.Tensor, kv_cache_layer: torch.Tensor, group: _DecodeGroup, scale: float
+) -> torch.Tensor:
+    """One new token per sequence: ``query [B, heads, head_dim]`` → same shape."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache_layer.shape
+    max_len = group.num_blocks * block_size
+    kv = kv_cache_layer.index_select(1, group.block_ids)
+    kv = kv.view(2, num_seqs, max_len, num_kv_heads, head_dim).transpose(2, 3).to(query.dtype)
+    grouped_query = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        grouped_query, kv[0], kv[1], attn_mask=group.key_mask, scale=scale
+    )
+    return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache_layer: torch.Tensor,
+    seq: _PrefillSeq,
+    scale: float,
+) -> torch.Tensor:
+    """Several new tokens of one sequence: ``query [n, heads, head_dim]`` → same shape."""
+    if seq.block_ids is None:
+        keys, values = key.transpose(0, 1), value.transpose(0, 1)
+    else:
+        num_kv_heads, head_dim = kv_cache_layer.shape[3:]
+        kv = kv_cache_layer.index_select(1, seq.block_ids)
+        kv = kv.view(2, -1, num_kv_heads, head_dim)[:, : seq.seq_len].transpose(1, 2)
+        keys, values = kv[0].to(query.dtype), kv[1].to(query.dtype)
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1),
+        keys,
+        values,
+        attn_mask=seq.mask,
+        is_causal=seq.mask is None,
+        scale=scale,
+        enable_gqa=query.shape[1] != keys.shape[0],
+    )
+    return out.transpose(0, 1)

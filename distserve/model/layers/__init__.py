@@ -1,0 +1,1 @@
+"""Building blocks of the decoder: RMSNorm, tensor-parallel linears and embeddings, rotary."""
