@@ -27,7 +27,7 @@ class FakeGeneration(generation_pb2_grpc.GenerationServicer):
         self.cancelled: list[str] = []
         self.lock = threading.Lock()
 
-    def Generate(self, request, context):  # noqa: N802 (gRPC method name)
+    def Generate(self, request, context):
         with self.lock:
             self.requests.append(request)
         rid = request.request_id or f"req-{len(self.requests)}"
@@ -67,7 +67,7 @@ class FakeGeneration(generation_pb2_grpc.GenerationServicer):
                 finished.set()
             yield resp
 
-    def GetModelInfo(self, request, context):  # noqa: N802
+    def GetModelInfo(self, request, context):
         return generation_pb2.ModelInfo(
             model_name=MODEL_NAME,
             vocab_size=VOCAB_SIZE,

@@ -91,7 +91,7 @@ def test_invalid_argument_becomes_invalid_request_with_server_message(fake_serve
 def test_bad_local_values_are_refused_before_sending(fake_server):
     address, _ = fake_server
     with Client(address) as client:
-        with pytest.raises(InvalidRequest, match="max_tokens|out of range|Value"):
+        with pytest.raises(InvalidRequest, match=r"max_tokens|out of range|Value"):
             client.generate("x", max_tokens=-1)
         with pytest.raises(InvalidRequest, match="prompt must be"):
             client.generate(3.5)  # type: ignore[arg-type]
@@ -115,7 +115,7 @@ def test_unreachable_endpoint_fails_fast_with_server_unavailable():
 
 def test_timeout_raises_request_timeout(fake_server):
     address, _ = fake_server
-    with Client(address) as client, pytest.raises(RequestTimeout, match="0.3 s"):
+    with Client(address) as client, pytest.raises(RequestTimeout, match=r"0\.3 s"):
         client.generate("slow", max_tokens=5, timeout_s=0.3)
 
 
