@@ -21,17 +21,18 @@ import torch
 from distserve.config import EngineConfig
 from distserve.engine.executor import (
     Executor,
-    SpawnedTPExecutor,
     UniprocExecutor,
     cpu_threads_per_rank,
+    spawn_tp_group,
 )
 from distserve.engine.kv_manager import KVCacheManager
 from distserve.engine.request import Request, RequestStatus, TokenLogprobs
+from distserve.engine.role_schedulers import SCHEDULERS, DecodeScheduler
 from distserve.engine.sampler import sample
 from distserve.engine.sampling_params import SamplingParams
 from distserve.engine.scheduler import Scheduler
 from distserve.engine.step_inputs import build_step_inputs
-from distserve.engine.worker import WorkerSpec
+from distserve.engine.worker import RankCommand, TransferOp, WorkerSpec
 from distserve.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,25 @@ class EngineOutput:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs]
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
+
+
+@dataclass
+class InstanceTransferResult:
+    """A KV transfer as seen by the whole instance: over once every rank reported it."""
+
+    transfer_id: str
+    ok: bool
+    num_bytes: int  # summed over this instance's ranks
+    elapsed_s: float  # the slowest rank's time
+    error: str | None = None
+
+
+@dataclass
+class _TransferTally:
+    ranks_left: int
+    num_bytes: int = 0
+    elapsed_s: float = 0.0
+    error: str | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -73,8 +93,22 @@ def _estimate_weight_bytes(mc: ModelConfig, dtype_bytes: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """One instance's engine. ``role`` picks the scheduler: colocated, prefill or decode.
+
+    ``executor`` may be given by a launcher whose ranks already exist (torchrun); by default the
+    engine builds its own (one process, or spawned TP ranks).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        role: str = "colocated",
+        executor_factory: object | None = None,
+    ) -> None:
+        if role not in SCHEDULERS:
+            raise ValueError(f"role must be one of {sorted(SCHEDULERS)}, got {role!r}")
         self.config = config
+        self.role = role
         from transformers import AutoTokenizer
 
         self.model_config = ModelConfig.from_pretrained(config.model)
@@ -102,11 +136,20 @@ class LLMEngine:
             attention_backend=config.attention_backend,
             num_threads=num_threads,
         )
-        self.executor: Executor = (
-            SpawnedTPExecutor(spec, tp_size) if tp_size > 1 else UniprocExecutor(spec)
-        )
+        self.worker_spec = spec
+        if callable(executor_factory):
+            self.executor: Executor = executor_factory(spec)
+        elif tp_size > 1:
+            self.executor = spawn_tp_group(spec, tp_size)
+        else:
+            self.executor = UniprocExecutor(spec)
+        self.tp_size = tp_size
+        self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.scheduler: Scheduler = SCHEDULERS[role](config.scheduler, self.kv)
+        self._transfer_ops: list[TransferOp] = []
+        self._transfers: dict[str, _TransferTally] = {}
+        self._transfer_results: list[InstanceTransferResult] = []
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
@@ -147,6 +190,35 @@ class LLMEngine:
         client_id: str = "",
         arrival_s: float | None = None,
     ) -> Request:
+        request = self._new_request(request_id, prompt_token_ids, params, client_id, arrival_s)
+        self.scheduler.add(request)
+        return request
+
+    def add_transferred_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        first_token_id: int,
+        params: SamplingParams,
+        client_id: str = "",
+    ) -> Request:
+        """Decode role: a request prefilled elsewhere; its KV is pulled when there is room."""
+        if not isinstance(self.scheduler, DecodeScheduler):
+            raise RuntimeError(f"a {self.role} engine does not take prefilled requests")
+        request = self._new_request(request_id, prompt_token_ids, params, client_id, None)
+        request.output_token_ids.append(first_token_id)
+        request.first_token_s = time.monotonic()
+        self.scheduler.add_awaiting_kv(request)
+        return request
+
+    def _new_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        client_id: str,
+        arrival_s: float | None,
+    ) -> Request:
         self.validate_prompt(prompt_token_ids)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -162,7 +234,6 @@ class LLMEngine:
         if request.generator is None and not params.is_greedy:
             request.generator = torch.Generator().manual_seed(self._rng.randrange(2**63))
         self.requests[request_id] = request
-        self.scheduler.add(request)
         return request
 
     def validate_prompt(self, prompt_token_ids: Sequence[int]) -> None:
@@ -193,16 +264,66 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
+    # ---- KV transfers (prefill and decode roles) ------------------------------------------
+    def queue_transfer_op(self, op: TransferOp) -> None:
+        """Have every rank start ``op`` at the next step (cancels need no tracking of their own)."""
+        self._transfer_ops.append(op)
+        if op.kind != "cancel":
+            self._transfers[op.transfer_id] = _TransferTally(ranks_left=self.tp_size)
+
+    @property
+    def num_transfers_in_flight(self) -> int:
+        return len(self._transfers)
+
+    def drain_transfer_results(self) -> list[InstanceTransferResult]:
+        out, self._transfer_results = self._transfer_results, []
+        return out
+
+    def _tally(self, per_rank: list[list]) -> None:
+        for results in per_rank:
+            for result in results:
+                tally = self._transfers.get(result.transfer_id)
+                if tally is None:
+                    continue
+                tally.ranks_left -= 1
+                tally.num_bytes += result.num_bytes
+                tally.elapsed_s = max(tally.elapsed_s, result.elapsed_s)
+                if not result.is_ok and tally.error is None:
+                    tally.error = result.error or result.state.value
+                if tally.ranks_left == 0:
+                    del self._transfers[result.transfer_id]
+                    self._transfer_results.append(
+                        InstanceTransferResult(
+                            result.transfer_id,
+                            tally.error is None,
+                            tally.num_bytes,
+                            tally.elapsed_s,
+                            tally.error,
+                        )
+                    )
+
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
+        """Schedule, run one model step (and any KV-transfer work) on every rank, sample, update."""
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            if self.scheduler.has_work():
+        ops, self._transfer_ops = self._transfer_ops, []
+        if batch.is_empty and not ops and not self._transfers:
+            if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler has waiting requests but could schedule none")
             return []
-        block_tables = [self.kv.block_ids(r.request_id) for r in batch.requests]
-        inputs, sampling = build_step_inputs(batch, block_tables, self.kv.block_size)
-        logits = self.executor.execute(inputs)
+        inputs, sampling = None, []
+        if not batch.is_empty:
+            block_tables = [self.kv.block_ids(r.request_id) for r in batch.requests]
+            inputs, sampling = build_step_inputs(batch, block_tables, self.kv.block_size)
+        cmd = RankCommand(
+            step=inputs,
+            transfer_ops=ops,
+            gather_transfers=self.tp_size > 1 and bool(self._transfers),
+        )
+        logits, per_rank = self.executor.run(cmd)
+        self._tally(per_rank)
+        if batch.is_empty:
+            return []
         tokens, logprobs = sample(logits, [batch.requests[i] for i in sampling])
         sampled: list[int | None] = [None] * len(batch.requests)
         for j, i in enumerate(sampling):

@@ -1,8 +1,12 @@
 """One request's state inside an engine, from admission to finish.
 
     WAITING ──schedule──▶ RUNNING ──finish──▶ FINISHED_{STOPPED,LENGTH,ABORTED}
-       ▲                    │
-       └────preempt─────────┘  (blocks freed; recomputed from scratch when readmitted)
+       ▲                    │  │
+       └────preempt─────────┘  └─(prefill role, first token)─▶ PREFILLED ──pulled/expired──▶ FINISHED
+                            ▲
+    decode role: AWAITING_KV ──room──▶ TRANSFERRING ──KV arrived──┘
+
+Preempted requests free their blocks and are recomputed from scratch when readmitted.
 
 Token accounting (all tokens = prompt + generated so far):
 
@@ -28,6 +32,9 @@ from distserve.engine.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PREFILLED = "prefilled"  # prefill role: first token sampled, blocks leased until pulled
+    AWAITING_KV = "awaiting_kv"  # decode role: waiting for room to pull its KV
+    TRANSFERRING = "transferring"  # decode role: blocks allocated, KV pull in flight
     FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the model's context length
     FINISHED_ABORTED = "abort"

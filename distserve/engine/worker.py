@@ -1,14 +1,22 @@
-"""One rank's share of an instance: the model's weights and that rank's KV cache.
+"""One rank's share of an instance: the model's weights, that rank's KV cache and its KV transfers.
 
-A worker runs whatever step it is given; it does not schedule. The driver rank owns a worker in
-its own process; the other ranks of an instance run :func:`worker_loop`, receiving each step's
-inputs by broadcast from the driver.
+A worker runs whatever its driver tells it; it does not schedule. Each engine step the driver
+sends every rank of its instance one :class:`RankCommand` — the step's model inputs (if any) and
+the KV-transfer operations to start — and each rank answers with its transfer results. The
+driver rank owns a worker in its own process; the other ranks run :func:`worker_loop`.
+
+    driver                          rank k (k > 0)
+    ──────                          ──────────────
+    broadcast(RankCommand) ───────▶ receive
+    worker.run(cmd)                 worker.run(cmd)
+    gather(results) ◀────────────── send results      (only when cmd.gather_transfers)
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -21,7 +29,7 @@ from distserve.model.parallel import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,29 @@ class WorkerSpec:
     block_size: int
     attention_backend: str = "auto"
     num_threads: int | None = None
+    transfer_backend: str | None = None  # "gloo" | "nccl" | "auto"; None: this rank moves no KV
+    global_rank: int = 0  # this rank in the torch.distributed world (for KV transfer)
+    transfer_timeout_s: float = 60.0
+
+
+@dataclass
+class TransferOp:
+    """One KV-transfer operation for every rank of an instance to start this step."""
+
+    kind: Literal["recv", "send", "void_send", "cancel"]
+    transfer_id: str
+    descriptor: object | None = (
+        None  # a distserve.transfer.TransferDescriptor (recv/send/void_send)
+    )
+    block_ids: list[int] = field(default_factory=list)  # this instance's blocks (recv/send)
+    reason: str = ""  # void_send: why the KV is gone
+
+
+@dataclass
+class RankCommand:
+    step: StepInputs | None  # the model step, or None for a transfer-only tick
+    transfer_ops: list[TransferOp] = field(default_factory=list)
+    gather_transfers: bool = False  # ranks send their transfer results to the driver
 
 
 class Worker:
@@ -49,7 +80,7 @@ class Worker:
         self.kv_spec: KVCacheSpec = model_config.kv_spec(spec.block_size, spec.dtype)
         self.model = load_model(
             spec.model_path,
-            dtype=_TORCH_DTYPES[spec.dtype],
+            dtype=TORCH_DTYPES[spec.dtype],
             device=self.device,
             tp=tp,
             attention_backend=spec.attention_backend,
@@ -63,31 +94,77 @@ class Worker:
                 self.kv_spec.num_local_kv_heads(tp.size),
                 self.kv_spec.head_dim,
             ),
-            dtype=_TORCH_DTYPES[spec.dtype],
+            dtype=TORCH_DTYPES[spec.dtype],
             device=self.device,
         )
+        self._sender = self._receiver = None
+        if spec.transfer_backend is not None:
+            from distserve.transfer import KVReceiver, KVSender, create_backend
+
+            backend = create_backend(spec.transfer_backend, self.device)
+            self._sender = KVSender(
+                self.kv_cache, spec.global_rank, backend, timeout_s=spec.transfer_timeout_s
+            )
+            self._receiver = KVReceiver(
+                self.kv_cache, spec.global_rank, backend, timeout_s=spec.transfer_timeout_s
+            )
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
-        """Run one step; returns float32 logits [S, vocab] for the sampling rows."""
-        inputs = inputs.to(self.device) if self.device.type != "cpu" else inputs
+        """Run one model step; returns float32 logits [S, vocab] for the sampling rows."""
+        if self.device.type != "cpu":
+            inputs = inputs.to(self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
         return self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
 
+    def run(self, cmd: RankCommand) -> tuple[torch.Tensor | None, list]:
+        """Start the command's transfers, run its step, and poll transfers; (logits, results)."""
+        for op in cmd.transfer_ops:
+            self._start(op)
+        logits = self.execute(cmd.step) if cmd.step is not None else None
+        results: list = []
+        if self._sender is not None:
+            results = self._sender.poll() + self._receiver.poll()
+        return logits, results
 
-def broadcast_step(
-    inputs: StepInputs | None, src: int, group: dist.ProcessGroup | None
-) -> StepInputs | None:
-    """Driver → ranks: one step's inputs, or None to stop the worker loop."""
-    box = [inputs]
+    def _start(self, op: TransferOp) -> None:
+        if self._sender is None or self._receiver is None:
+            raise RuntimeError("this worker was built without a transfer backend")
+        if op.kind == "recv":
+            self._receiver.post_recv(op.descriptor, op.block_ids)
+        elif op.kind == "send":
+            self._sender.start_send(op.descriptor, op.block_ids)
+        elif op.kind == "void_send":
+            self._sender.start_void_send(op.descriptor, op.reason)
+        else:
+            self._sender.cancel(op.transfer_id)
+            self._receiver.cancel(op.transfer_id)
+
+
+def broadcast_command(
+    cmd: RankCommand | None, src: int, group: dist.ProcessGroup | None
+) -> RankCommand | None:
+    """Driver → ranks: one step's command, or None to stop the worker loop."""
+    box = [cmd]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
+def gather_results(
+    results: list, dst: int, group: dist.ProcessGroup | None, is_driver: bool
+) -> list[list]:
+    """Ranks → driver: every rank's transfer results (the driver gets one list per rank)."""
+    out: list | None = [None] * dist.get_world_size(group) if is_driver else None
+    dist.gather_object(results, out, dst=dst, group=group)
+    return out if out is not None else []
+
+
 def worker_loop(worker: Worker, src: int, group: dist.ProcessGroup | None) -> None:
-    """The life of a non-driver rank: run every step the driver broadcasts, until told to stop."""
+    """The life of a non-driver rank: run every command the driver broadcasts, until told to stop."""
     while True:
-        inputs = broadcast_step(None, src, group)
-        if inputs is None:
+        cmd = broadcast_command(None, src, group)
+        if cmd is None:
             return
-        worker.execute(inputs)
+        _, results = worker.run(cmd)
+        if cmd.gather_transfers:
+            gather_results(results, src, group, is_driver=False)
