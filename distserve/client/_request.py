@@ -6,7 +6,7 @@ Values are checked by the router (one source of truth); here only the prompt's t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from distserve._proto import generation_pb2
 from distserve.client.errors import InvalidRequest
@@ -25,16 +25,7 @@ def normalize_endpoint(endpoint: str) -> str:
     return target
 
 
-def build_request(prompt: str | Sequence[int], **options: object) -> generation_pb2.GenerateRequest:
-    """The request for ``prompt``; a value protobuf cannot hold (e.g. a negative count) raises
-    :class:`InvalidRequest` before anything is sent."""
-    try:
-        return _build(prompt, **options)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as e:
-        raise InvalidRequest(f"invalid request: {e}", code="INVALID_ARGUMENT") from e
-
-
-def _build(
+def build_request(
     prompt: str | Sequence[int],
     *,
     max_tokens: int | None = None,
@@ -48,30 +39,44 @@ def _build(
     client_id: str = "",
     request_id: str = "",
 ) -> generation_pb2.GenerateRequest:
-    sampling = generation_pb2.SamplingOptions(ignore_eos=ignore_eos)
-    if max_tokens is not None:
-        sampling.max_tokens = max_tokens
-    if temperature is not None:
-        sampling.temperature = temperature
-    if top_p is not None:
-        sampling.top_p = top_p
-    if top_k is not None:
-        sampling.top_k = top_k
-    if seed is not None:
-        sampling.seed = seed
-    if stop is not None:
-        sampling.stop.extend([stop] if isinstance(stop, str) else list(stop))
-    if stop_token_ids is not None:
-        sampling.stop_token_ids.extend(stop_token_ids)
-    req = generation_pb2.GenerateRequest(
-        request_id=request_id, client_id=client_id, sampling=sampling
-    )
+    """The request for ``prompt``. A value protobuf cannot hold (a negative count, a wrong type)
+    raises :class:`InvalidRequest` naming the field, before anything is sent."""
+    sampling = generation_pb2.SamplingOptions()
+    scalars = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "ignore_eos": ignore_eos,
+    }
+    lists = {
+        "stop": [stop] if isinstance(stop, str) else stop,
+        "stop_token_ids": stop_token_ids,
+    }
+    for name, value in scalars.items():
+        if value is not None:
+            _checked(name, lambda n=name, v=value: setattr(sampling, n, v))
+    for name, values in lists.items():
+        if values is not None:
+            _checked(name, lambda n=name, v=values: getattr(sampling, n).extend(list(v)))
+    req = generation_pb2.GenerateRequest(sampling=sampling)
+    _checked("client_id", lambda: setattr(req, "client_id", client_id))
+    _checked("request_id", lambda: setattr(req, "request_id", request_id))
     if isinstance(prompt, str):
         req.text = prompt
-    elif isinstance(prompt, Sequence) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt
-    ):
-        req.token_ids.ids.extend(prompt)
+    elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
+        _checked("prompt token ids", lambda: req.token_ids.ids.extend(list(prompt)))
     else:
-        raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        raise InvalidRequest(
+            f"prompt must be a str or a list of token ids, got {type(prompt).__name__}",
+            code="INVALID_ARGUMENT",
+        )
     return req
+
+
+def _checked(name: str, assign: Callable[[], object]) -> None:
+    try:
+        assign()
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"{name}: {e}", code="INVALID_ARGUMENT") from None

@@ -91,7 +91,7 @@ def test_invalid_argument_becomes_invalid_request_with_server_message(fake_serve
 def test_bad_local_values_are_refused_before_sending(fake_server):
     address, _ = fake_server
     with Client(address) as client:
-        with pytest.raises(InvalidRequest, match=r"max_tokens|out of range|Value"):
+        with pytest.raises(InvalidRequest, match=r"^max_tokens: "):
             client.generate("x", max_tokens=-1)
         with pytest.raises(InvalidRequest, match="prompt must be"):
             client.generate(3.5)  # type: ignore[arg-type]
