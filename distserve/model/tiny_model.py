@@ -99,7 +99,7 @@ def make_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer("qwen2" if arch == "qwen2" else "byte_level")
     multiple = spec["pad_vocab_to_multiple_of"]
     vocab_size = -(-tokenizer.get_vocab_size() // multiple) * multiple
     special = {

@@ -8,19 +8,32 @@ the special tokens and the ChatML-like chat template. Token ids::
     261..    merges learned from TRAINING_TEXT                       (at most NUM_MERGES)
 
 Because the training text mixes ASCII with accented Latin, Cyrillic, CJK and emoji, multi-byte
-UTF-8 characters are merged into one token when frequent and split over byte tokens when rare;
-decoding the ids of any string gives the string back exactly.
+UTF-8 characters are merged into one token when frequent and split over byte tokens when rare.
+
+Two pre-tokenizer styles: ``"byte_level"`` (GPT-2's ByteLevel split, no normalisation: decoding
+the ids of any string gives the string back exactly) for llama/mistral, and ``"qwen2"`` for qwen2
+checkpoints. transformers >= 5 ignores a qwen2 checkpoint's pipeline and rebuilds it as
+``Qwen2Tokenizer`` (NFC normalisation, Qwen's split regex), so we write exactly that pipeline to
+keep ``tokenizer.json`` and ``AutoTokenizer`` in agreement; text then round-trips up to NFC.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 BOS, EOS, PAD, IM_START, IM_END = "<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, IM_START, IM_END)
-NUM_MERGES = 400
+NUM_MERGES = 400  # upper bound; TRAINING_TEXT yields fewer pairs seen at least twice
+TokenizerStyle = Literal["byte_level", "qwen2"]
+# Qwen2's split: contractions, letters runs (with one leading non-letter), single digits,
+# punctuation runs, newlines, other whitespace
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,10 +70,19 @@ Symbols: → ← ↑ ↓ ∑ ∫ √ ∞ ≈ ≠ ≤ ≥ © ® ™ € £ ¥ § 
 """
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(style: TokenizerStyle = "byte_level") -> Tokenizer:
     """Train the tokenizer; the same text and settings always give the same merges."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if style == "qwen2":
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(

@@ -13,7 +13,7 @@ from distserve.model.attention.base import AttentionBackend, write_kv
 from distserve.model.attention.flash_attn import FlashAttnBackend
 from distserve.model.attention.sdpa import SdpaBackend
 
-__all__ = ["AttentionBackend", "available_backends", "get_backend", "write_kv"]
+__all__ = ["AttentionBackend", "SdpaBackend", "available_backends", "get_backend", "write_kv"]
 
 # in "auto" preference order
 _BACKENDS: dict[str, type[AttentionBackend]] = {
