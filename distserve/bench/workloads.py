@@ -61,12 +61,16 @@ class WorkloadRequest:
 
     def chained_hashes(self) -> tuple[int, ...]:
         """Hashes of the prompt's *full* blocks, each covering its parent's (like the engine's)."""
+        cached = self.__dict__.get("_chained_hashes")
+        if cached is not None:
+            return cached
         hashes: list[int] = []
         parent = 0
         for block_id in self.block_ids[: self.input_len // self.block_size]:
             parent = chain_block_id(parent, block_id)
             hashes.append(parent)
-        return tuple(hashes)
+        self.__dict__["_chained_hashes"] = result = tuple(hashes)  # memo; frozen fields unchanged
+        return result
 
 
 def to_token_ids(req: WorkloadRequest, vocab_size: int, seed: int = 0) -> list[int]:
@@ -278,11 +282,15 @@ def preble_like(
     tokens, a lognormal unique suffix, outputs at the prompt:output ratio, Zipf group popularity;
     group ``g`` belongs to client ``g mod num_clients``."""
     if kind not in PREBLE_LIKE_SPECS:
-        raise ValueError(f"unknown Preble-like kind {kind!r}; available: {sorted(PREBLE_LIKE_SPECS)}")
+        raise ValueError(
+            f"unknown Preble-like kind {kind!r}; available: {sorted(PREBLE_LIKE_SPECS)}"
+        )
     mean_in, ratio, share, default_groups = PREBLE_LIKE_SPECS[kind]
     n_groups = num_prefixes or default_groups
     rng = np.random.default_rng(seed)
-    prefix_blocks = np.maximum(1, np.round(share * mean_in * rng.uniform(0.8, 1.2, n_groups) / block_size))
+    prefix_blocks = np.maximum(
+        1, np.round(share * mean_in * rng.uniform(0.8, 1.2, n_groups) / block_size)
+    )
     group_of = rng.choice(n_groups, size=num_requests, p=_zipf_weights(n_groups, zipf_s))
     suffix = np.maximum(1, np.round(_lognormal(rng, (1 - share) * mean_in, 0.5, num_requests)))
     outputs = np.maximum(1, np.round(_lognormal(rng, mean_in / ratio, 0.5, num_requests)))

@@ -134,7 +134,7 @@ class PreblePolicy(PrefixAwarePolicy):
         if chosen is None:
             chosen = self._explore(req, instances, cached, now_s)
         self._record(req, chosen, cached.get(chosen.instance_id, 0), now_s)
-        self._rebalance(instances, now_s)
+        self.rebalance(instances, now_s)
         return chosen.instance_id
 
     def _explore(
@@ -208,7 +208,9 @@ class PreblePolicy(PrefixAwarePolicy):
                 self._ttft.pop(node, None)
 
     # ---- rebalancing -----------------------------------------------------------------------
-    def _rebalance(self, instances: Sequence[InstanceLoad], now_s: float) -> None:
+    def rebalance(self, instances: Sequence[InstanceLoad], now_s: float) -> None:
+        """Move or replicate hot prefixes (runs after every dispatch; callable directly)."""
+        self._ensure_known(instances)
         if (
             self._num_routed < self.warmup_requests_per_instance * len(instances)
             or len(instances) < 2
@@ -266,8 +268,9 @@ class PreblePolicy(PrefixAwarePolicy):
         flight = self._in_flight.get(request_id)
         if flight is not None and not flight.is_prefill_done:
             flight.is_prefill_done = True
-            self._prefill_s[flight.instance_id] -= flight.prefill_s
-            flight.prefill_s = 0.0
+            if flight.prefill_s:
+                self._prefill_s[flight.instance_id] -= flight.prefill_s
+                flight.prefill_s = 0.0
             if ttft_s is not None:
                 for node in flight.important_nodes:
                     self._ttft.setdefault(node, deque()).append((now_s, ttft_s))
