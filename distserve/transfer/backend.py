@@ -48,6 +48,9 @@ class TransferBackend(abc.ABC):
     def irecv(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
         """Post a receive of exactly ``message.numel()`` bytes from ``peer_rank`` into it."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release helper threads or handles; ops still posted are abandoned."""
+
 
 _B = TypeVar("_B", bound=type[TransferBackend])
 _BACKENDS: dict[str, type[TransferBackend]] = {}

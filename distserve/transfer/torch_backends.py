@@ -6,10 +6,16 @@ group exists, and its init, belong to the launcher.
 
 - ``gloo`` moves host buffers. With a CUDA cache the sender gathers on the device and copies into
   a pinned host message, and the receiver copies back before scattering (see ``sender.py``).
-- ``nccl`` moves device buffers directly. It has no tags, so ordering rests entirely on the
-  sender issuing in ``seq_no`` order. NCCL cannot be run between two processes on a one-GPU
-  machine, so this path shares every line above the two calls below with the gloo path that the
-  tests run, and is itself untested here.
+  Gloo's point-to-point ``Work`` cannot be polled: ``is_completed()`` stays False until someone
+  calls ``wait()``, and it has no future. So each (peer, direction) gets one daemon thread that
+  ``wait()``s that peer's ops in posting order (the order they complete in: one TCP connection,
+  first-posted-first-matched) and flags them done; ``wait()`` releases the GIL. The wait is given
+  a very long timeout of its own, because on expiry gloo fails every pair of the process group,
+  not just the late op; deadlines are the sender's and receiver's ``timeout_s``.
+- ``nccl`` moves device buffers directly and polls ``Work.is_completed()`` (a CUDA event). It has
+  no tags, so ordering rests entirely on the sender issuing in ``seq_no`` order. NCCL cannot be
+  run between two processes on a one-GPU machine, so this path shares every line above the two
+  calls below with the gloo path that the tests run, and is itself untested here.
 
 Both use one constant tag, so gloo matches messages of a pair first-posted-first-matched exactly
 as NCCL does.
@@ -17,6 +23,10 @@ as NCCL does.
 
 from __future__ import annotations
 
+import abc
+import datetime
+import queue
+import threading
 from typing import Any
 
 import torch
@@ -30,6 +40,7 @@ from distserve.transfer.backend import (
 )
 
 _TAG = 0  # deliberately constant: see the module docstring
+_GLOO_WAIT = datetime.timedelta(days=7)  # see the module docstring: never let gloo time out first
 
 
 class _WorkOp(PendingOp):
@@ -45,6 +56,46 @@ class _WorkOp(PendingOp):
         except Exception as err:  # the backends raise plain RuntimeError subclasses
             raise TransferBackendError(f"{self._what} failed: {err}") from err
         return True
+
+
+class _WaitedOp(PendingOp):
+    """A gloo op whose completion a :class:`_PeerWaiter` thread reports."""
+
+    def __init__(self, work: Any, what: str) -> None:
+        self.work = work
+        self.what = what
+        self.error: str | None = None
+        self.finished = threading.Event()
+
+    def is_done(self) -> bool:
+        if not self.finished.is_set():
+            return False
+        if self.error is not None:
+            raise TransferBackendError(self.error)
+        return True
+
+
+class _PeerWaiter:
+    """One daemon thread waiting, in posting order, on the gloo ops to or from one peer."""
+
+    def __init__(self, name: str) -> None:
+        self._ops: queue.SimpleQueue[_WaitedOp | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def add(self, op: _WaitedOp) -> None:
+        self._ops.put(op)
+
+    def stop(self) -> None:
+        self._ops.put(None)
+
+    def _run(self) -> None:
+        while (op := self._ops.get()) is not None:
+            try:
+                op.work.wait(_GLOO_WAIT)
+            except Exception as err:  # gloo raises RuntimeError subclasses
+                op.error = f"{op.what} failed: {err}"
+            op.finished.set()
 
 
 class _TorchP2PBackend(TransferBackend):
@@ -67,11 +118,17 @@ class _TorchP2PBackend(TransferBackend):
 
     def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
         work = dist.isend(message, dst=peer_rank, group=self._group, tag=_TAG)
-        return _WorkOp(work, f"{self.name} isend of {message.numel()} bytes to rank {peer_rank}")
+        what = f"{self.name} isend of {message.numel()} bytes to rank {peer_rank}"
+        return self._track(work, what, peer_rank, is_send=True)
 
     def irecv(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
         work = dist.irecv(message, src=peer_rank, group=self._group, tag=_TAG)
-        return _WorkOp(work, f"{self.name} irecv of {message.numel()} bytes from rank {peer_rank}")
+        what = f"{self.name} irecv of {message.numel()} bytes from rank {peer_rank}"
+        return self._track(work, what, peer_rank, is_send=False)
+
+    @abc.abstractmethod
+    def _track(self, work: Any, what: str, peer_rank: int, is_send: bool) -> PendingOp:
+        """Wrap a posted ``Work`` so that it can be polled."""
 
 
 @register_backend
@@ -79,8 +136,26 @@ class GlooBackend(_TorchP2PBackend):
     name = "gloo"
     _needs = "gloo"
 
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(group)
+        self._waiters: dict[tuple[int, bool], _PeerWaiter] = {}
+
     def wire_device(self, cache_device: torch.device) -> torch.device:
         return torch.device("cpu")
+
+    def close(self) -> None:
+        for waiter in self._waiters.values():
+            waiter.stop()
+        self._waiters.clear()
+
+    def _track(self, work: Any, what: str, peer_rank: int, is_send: bool) -> PendingOp:
+        op = _WaitedOp(work, what)
+        key = (peer_rank, is_send)
+        if key not in self._waiters:
+            direction = "send-to" if is_send else "recv-from"
+            self._waiters[key] = _PeerWaiter(f"kv-transfer-{direction}-{peer_rank}")
+        self._waiters[key].add(op)
+        return op
 
 
 @register_backend
@@ -92,3 +167,6 @@ class NcclBackend(_TorchP2PBackend):
         if cache_device.type != "cuda":
             raise ValueError(f"the nccl transfer backend needs a CUDA KV cache, got {cache_device}")
         return cache_device
+
+    def _track(self, work: Any, what: str, peer_rank: int, is_send: bool) -> PendingOp:
+        return _WorkOp(work, what)
