@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PROFILE_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "distserve_a100_profile.json"
+DEFAULT_PROFILE_PATH = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "distserve_a100_profile.json"
+)
 DEFAULT_CAPACITY_PATH = DEFAULT_PROFILE_PATH.with_name("distserve_a100_max_num_tokens.csv")
 OPT_13B = "facebook/opt-13b"
 OPT_13B_KV_BYTES_PER_TOKEN = 40 * 2 * 5120 * 2  # layers × (K, V) × hidden × fp16 bytes
@@ -71,7 +73,9 @@ class LatencyModel:
         """Time of one decode step of ``batch_size`` sequences with Σ(context+1) tokens."""
         if batch_size <= 0:
             return 0.0
-        a, b, c = self.decode_small if batch_size <= self.large_batch_threshold else self.decode_large
+        a, b, c = (
+            self.decode_small if batch_size <= self.large_batch_threshold else self.decode_large
+        )
         return a + b * sum_ctx_plus_one + c * batch_size
 
     # ---- pipelined times: what the simulator uses ----
@@ -93,7 +97,10 @@ class LatencyModel:
         if self.pp == 1:
             return self.decode_ms(batch_size, sum_ctx_plus_one)
         micro = max(1, round(batch_size / self.pp))
-        return self.decode_ms(micro, round(sum_ctx_plus_one / self.pp)) + self.pp * self.stage_overhead_ms
+        return (
+            self.decode_ms(micro, round(sum_ctx_plus_one / self.pp))
+            + self.pp * self.stage_overhead_ms
+        )
 
     @classmethod
     def from_profile(
@@ -106,13 +113,17 @@ class LatencyModel:
     ) -> LatencyModel:
         """Load DistServe's fitted coefficients for ``model`` at ``tp`` (pp is modelled, not fitted)."""
         if not Path(path).exists():
-            raise FileNotFoundError(f"latency profile {path} not found (opt13b_a100() needs no file)")
+            raise FileNotFoundError(
+                f"latency profile {path} not found (opt13b_a100() needs no file)"
+            )
         profile = json.loads(Path(path).read_text())
         if model not in profile:
             raise ValueError(f"model {model!r} not in {path}; available: {sorted(profile)}")
         entry = profile[model].get(str(tp))
         if entry is None:
-            raise ValueError(f"{model} has no TP={tp} entry in {path}; available: {sorted(profile[model])}")
+            raise ValueError(
+                f"{model} has no TP={tp} entry in {path}; available: {sorted(profile[model])}"
+            )
         return cls(
             prefill=tuple(entry["prefill"]),  # type: ignore[arg-type]
             decode_small=tuple(entry["decoding_smallbs"]),  # type: ignore[arg-type]
@@ -135,7 +146,9 @@ def opt13b_a100(pp: int = 1, stage_overhead_ms: float = 0.0) -> LatencyModel:
     )
 
 
-def kv_capacity_tokens(model: str, tp: int, pp: int, path: str | Path = DEFAULT_CAPACITY_PATH) -> int:
+def kv_capacity_tokens(
+    model: str, tp: int, pp: int, path: str | Path = DEFAULT_CAPACITY_PATH
+) -> int:
     """KV-cache capacity in tokens of one (model, tp, pp) instance on A100-80GB (DistServe's table)."""
     with open(path) as f:
         for row in csv.DictReader(f):
@@ -183,7 +196,9 @@ def _fit_relative(features: np.ndarray, times_ms: np.ndarray) -> FitResult:
 
 def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> FitResult:
     """Fit ``a + b·Σl + c·Σl²`` from ``(prompt_lens_of_batch, measured_ms)`` samples."""
-    feats = np.array([[1.0, float(sum(lens)), float(sum(x * x for x in lens))] for lens, _ in samples])
+    feats = np.array(
+        [[1.0, float(sum(lens)), float(sum(x * x for x in lens))] for lens, _ in samples]
+    )
     return _fit_relative(feats, np.array([ms for _, ms in samples], dtype=float))
 
 

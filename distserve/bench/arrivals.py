@@ -22,7 +22,9 @@ def poisson_arrivals(num_requests: int, rate_per_s: float, seed: int = 0) -> lis
     return gamma_arrivals(num_requests, rate_per_s, cv=1.0, seed=seed)
 
 
-def gamma_arrivals(num_requests: int, rate_per_s: float, cv: float = 1.0, seed: int = 0) -> list[float]:
+def gamma_arrivals(
+    num_requests: int, rate_per_s: float, cv: float = 1.0, seed: int = 0
+) -> list[float]:
     """Arrival times whose gaps are Gamma distributed with mean 1/rate and the given CV.
 
     ``cv = 1`` is Poisson; ``cv > 1`` is burstier; ``cv < 1`` more regular.
@@ -39,17 +41,24 @@ def gamma_arrivals(num_requests: int, rate_per_s: float, cv: float = 1.0, seed: 
     return np.cumsum(gaps).tolist()
 
 
-ARRIVALS: dict[str, Callable[..., list[float]]] = {"poisson": poisson_arrivals, "gamma": gamma_arrivals}
+ARRIVALS: dict[str, Callable[..., list[float]]] = {
+    "poisson": poisson_arrivals,
+    "gamma": gamma_arrivals,
+}
 
 
-def with_arrivals(requests: Sequence[WorkloadRequest], arrival_s: Sequence[float]) -> list[WorkloadRequest]:
+def with_arrivals(
+    requests: Sequence[WorkloadRequest], arrival_s: Sequence[float]
+) -> list[WorkloadRequest]:
     """The requests, in order, with the given arrival times."""
     if len(arrival_s) != len(requests):
         raise ValueError(f"{len(arrival_s)} arrival times for {len(requests)} requests")
     return [replace(r, arrival_s=float(t)) for r, t in zip(requests, arrival_s)]
 
 
-def rescale_to_rate(requests: Sequence[WorkloadRequest], rate_per_s: float) -> list[WorkloadRequest]:
+def rescale_to_rate(
+    requests: Sequence[WorkloadRequest], rate_per_s: float
+) -> list[WorkloadRequest]:
     """Stretch or squeeze a trace's timestamps so its mean rate is ``rate_per_s`` (shape kept)."""
     if rate_per_s <= 0:
         raise ValueError(f"rate_per_s must be positive, got {rate_per_s}")

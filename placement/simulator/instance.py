@@ -1,0 +1,267 @@
+"""One simulated instance: its queues, KV pool and what each step runs.
+
+Owns step composition for the three roles and the KV pool's use; timing comes from the
+instance's :class:`LatencyModel`, routing and event order from ``core.py``.
+
+- **prefill**: running prompts continue first, then new prompts in the admission order, chunked
+  to ``max_prefill_tokens`` per step; a finished prompt keeps its blocks (the lease) until its KV
+  has been pulled by a decode instance. With pp > 1 a new batch may enter stage 1 every stage
+  time; a batch takes pp stage times.
+- **decode**: requests whose prefill is done wait FIFO until their prompt + output blocks fit,
+  are pulled (KV transfer), then join the continuous batch (at most ``max_batch_size``).
+- **colocated** (Sarathi-style): every running decode takes one token of the budget, then
+  prompts continue, then new prompts are admitted; blocks for prompt + output are reserved at
+  admission, so nothing is ever preempted.
+
+Cached prefix blocks are never recomputed; a prompt that is entirely cached still computes its
+last token.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from distserve.engine.admission import WaitingItem, make_admission_order
+from distserve.router.policies.base import InstanceLoad
+from placement.simulator.kv_pool import KVPool
+from placement.simulator.request import SimRequest
+from placement.simulator.spec import InstanceSpec
+
+
+@dataclass
+class StepPlan:
+    """One batch in flight: prompt chunks and the number of decode tokens."""
+
+    chunks: list[tuple[SimRequest, int]] = field(default_factory=list)
+    decodes: int = 0
+    stage_s: float = 0.0  # how long stage 1 is busy
+    latency_s: float = 0.0  # until the batch's results are out
+
+
+class SimInstance:
+    def __init__(self, spec: InstanceSpec, block_size: int) -> None:
+        self.spec = spec
+        self.instance_id = spec.instance_id
+        self.role = spec.role
+        self.block_size = block_size
+        self.latency = spec.latency
+        self.pool = KVPool(
+            spec.kv_capacity_tokens // block_size, spec.prefix_caching and spec.role != "decode"
+        )
+        self.admission = (
+            make_admission_order(spec.admission, **dict(spec.admission_options))
+            if spec.role != "decode"
+            else None
+        )
+        self.waiting: dict[str, SimRequest] = {}
+        self.num_waiting_tokens = 0
+        self.prefilling: list[SimRequest] = []
+        self.pending: deque[SimRequest] = deque()  # decode: waiting for memory
+        self.num_transferring = 0
+        self.joining: list[SimRequest] = []
+        self._decoding: list[tuple[int, int, SimRequest]] = []  # (last step, seq, request) heap
+        self._seq = 0
+        self.num_steps = 0
+        self.sum_ctx = 0  # Σ(context + 1) over decoding requests
+        self.is_busy = False
+        self.busy_s = 0.0
+        self.recent_tpot_s: float | None = None
+        self._snapshot: InstanceLoad | None = None
+
+    # ---- routing view ----------------------------------------------------------------------
+    @property
+    def num_decoding(self) -> int:
+        return len(self._decoding)
+
+    def snapshot(self) -> InstanceLoad:
+        if self._snapshot is None:
+            self._snapshot = InstanceLoad(
+                instance_id=self.instance_id,
+                role=self.role,
+                num_running=len(self.prefilling) + len(self._decoding) + len(self.joining),
+                num_waiting=len(self.waiting) + len(self.pending),
+                num_waiting_tokens=self.num_waiting_tokens,
+                free_kv_blocks=self.pool.num_free,
+                total_kv_blocks=self.pool.capacity_blocks,
+                recent_tpot_s=self.recent_tpot_s,
+            )
+        return self._snapshot
+
+    def blocks_needed(self, r: SimRequest) -> int:
+        extra = r.output_len if self.role != "prefill" else 0
+        return -(-(r.prompt_len + extra) // self.block_size)
+
+    # ---- prefill side ----------------------------------------------------------------------
+    def enqueue_prefill(self, r: SimRequest) -> None:
+        assert self.admission is not None
+        self._snapshot = None
+        r.prefill_id = self.instance_id
+        self.waiting[r.w.request_id] = r
+        self.num_waiting_tokens += r.prompt_len
+        self.admission.add(WaitingItem(r.w.request_id, r.w.client_id, r.w.arrival_s, r.prompt_len))
+
+    def _match_len(self, request_id: str) -> int:
+        return self.pool.match(self.waiting[request_id].hashes) * self.block_size
+
+    def _admit(self, r: SimRequest, now_s: float) -> bool:
+        m = self.pool.match(r.hashes)
+        private = self.blocks_needed(r) - m
+        if not self.pool.allocate(r.hashes, m, private):
+            return False
+        cached = min(m * self.block_size, r.prompt_len - 1)
+        r.num_cached_blocks, r.num_cached_tokens = m, cached
+        r.num_computed = r.num_scheduled = cached
+        r.prefill_private_blocks = private
+        r.prefill_admit_s = now_s
+        assert self.admission is not None
+        self.admission.on_admitted(r.w.request_id, r.prompt_len - cached)
+        del self.waiting[r.w.request_id]
+        self.num_waiting_tokens -= r.prompt_len
+        self.prefilling.append(r)
+        return True
+
+    # ---- steps -----------------------------------------------------------------------------
+    def try_start_step(self, now_s: float) -> StepPlan | None:
+        """Compose the next batch, if there is work; marks the instance busy."""
+        if self.is_busy:
+            return None
+        plan = StepPlan()
+        budget = self.spec.max_prefill_tokens
+        if self.role != "prefill":
+            for r in self.joining:
+                self._join(r)
+            self.joining.clear()
+            plan.decodes = len(self._decoding)
+            budget -= plan.decodes
+        for r in self.prefilling:
+            n = min(r.prompt_len - r.num_scheduled, budget)
+            if n > 0:
+                plan.chunks.append((r, n))
+                budget -= n
+        if budget > 0 and self.waiting:
+            assert self.admission is not None
+            for rid in self.admission.order(self._match_len):
+                if budget <= 0 or self.num_running >= self.spec.max_batch_size:
+                    break
+                r = self.waiting[rid]
+                if not self._admit(r, now_s):
+                    break
+                n = min(r.prompt_len - r.num_scheduled, budget)
+                plan.chunks.append((r, n))
+                budget -= n
+        if not plan.chunks and not plan.decodes:
+            return None
+        for r, n in plan.chunks:
+            r.num_scheduled += n
+        self._time(plan)
+        self.is_busy = True
+        self._snapshot = None
+        return plan
+
+    @property
+    def num_running(self) -> int:
+        return len(self.prefilling) + len(self._decoding)
+
+    def _time(self, plan: StepPlan) -> None:
+        lat = self.latency
+        work_ms = sum(lat.extend_work_ms(n, r.num_scheduled - n) for r, n in plan.chunks)
+        if self.role == "prefill":
+            work_ms += lat.prefill[0]
+            plan.stage_s = lat.prefill_stage_ms(work_ms) / 1000
+            plan.latency_s = lat.prefill_batch_latency_ms(work_ms) / 1000
+        else:
+            if plan.decodes:
+                work_ms += lat.decode_step_latency_ms(plan.decodes, self.sum_ctx)
+            else:
+                work_ms += lat.prefill[0]
+            plan.stage_s = plan.latency_s = work_ms / 1000
+        self.busy_s += plan.stage_s
+
+    def finish_step(self, plan: StepPlan) -> tuple[list[SimRequest], list[SimRequest]]:
+        """Apply a finished batch: returns (prompts that got their first token, finished)."""
+        self._snapshot = None
+        if self.latency.pp == 1 or self.role != "prefill":
+            self.is_busy = False
+        prefilled: list[SimRequest] = []
+        for r, n in plan.chunks:
+            r.num_computed += n
+            if r.num_computed == r.prompt_len:
+                prefilled.append(r)
+                self.pool.commit(r.hashes[r.num_cached_blocks :])
+                r.prefill_private_blocks -= len(r.hashes) - r.num_cached_blocks
+        if prefilled:
+            done = {id(r) for r in prefilled}
+            self.prefilling = [r for r in self.prefilling if id(r) not in done]
+        finished: list[SimRequest] = []
+        if plan.decodes:
+            self.num_steps += 1
+            self.sum_ctx += len(self._decoding)
+            self.recent_tpot_s = plan.latency_s
+            while self._decoding and self._decoding[0][0] <= self.num_steps:
+                r = heapq.heappop(self._decoding)[2]
+                self.sum_ctx -= r.prompt_len + r.output_len
+                self._release_decode(r)
+                finished.append(r)
+        if self.role == "colocated":
+            for r in prefilled:
+                if r.output_len > 1:
+                    self.joining.append(r)
+                else:
+                    self._release_decode(r)
+                    finished.append(r)
+        return prefilled, finished
+
+    def stage_free(self) -> None:
+        """pp > 1 prefill: stage 1 is free for the next batch."""
+        self.is_busy = False
+
+    # ---- decode side -----------------------------------------------------------------------
+    def enqueue_decode(self, r: SimRequest) -> None:
+        self._snapshot = None
+        r.decode_id = self.instance_id
+        self.pending.append(r)
+
+    def admit_pending(self) -> list[SimRequest]:
+        """Requests that now get their blocks and start pulling their KV (FIFO)."""
+        started = []
+        while (
+            self.pending
+            and len(self._decoding) + len(self.joining) + self.num_transferring
+            < self.spec.max_batch_size
+        ):
+            r = self.pending[0]
+            if not self.pool.allocate((), 0, self.blocks_needed(r)):
+                break
+            r.decode_private_blocks = self.blocks_needed(r)
+            self.pending.popleft()
+            self.num_transferring += 1
+            started.append(r)
+        if started:
+            self._snapshot = None
+        return started
+
+    def on_transfer_done(self, r: SimRequest) -> None:
+        self._snapshot = None
+        self.num_transferring -= 1
+        self.joining.append(r)
+
+    def release_lease(self, r: SimRequest) -> None:
+        """Prefill side: the KV was pulled (or is not needed); its blocks become cache."""
+        self._snapshot = None
+        self.pool.release(r.hashes, r.prefill_private_blocks)
+        r.prefill_private_blocks = 0
+
+    def _join(self, r: SimRequest) -> None:
+        self.sum_ctx += r.prompt_len + 1
+        self._seq += 1
+        heapq.heappush(self._decoding, (self.num_steps + r.output_len - 1, self._seq, r))
+
+    def _release_decode(self, r: SimRequest) -> None:
+        if self.role == "colocated":
+            self.pool.release(r.hashes, r.prefill_private_blocks)
+            r.prefill_private_blocks = 0
+        else:
+            self.pool.release((), r.decode_private_blocks)
+            r.decode_private_blocks = 0

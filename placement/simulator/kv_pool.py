@@ -1,0 +1,103 @@
+"""The simulated KV pool of one instance: capacity in blocks, a prefix cache, LRU eviction.
+
+Owns block accounting only (no token contents): blocks in use by requests, cached blocks that
+requests share by chained hash, and unreferenced cached blocks kept in LRU order until space is
+needed. Reports which hashes it stored and evicted, which the simulator forwards to the routing
+policy as instance events. It does not own scheduling.
+
+    capacity = | in use: cached & referenced | in use: private | cached, unreferenced (LRU) | free |
+               |   (shared prefix blocks)    | (being computed, |  evicted oldest first      |      |
+               |                             |  tails, outputs) |                            |      |
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+class KVPool:
+    """Blocks of one instance; prefix caching optional."""
+
+    def __init__(self, capacity_blocks: int, enable_prefix_caching: bool) -> None:
+        if capacity_blocks <= 0:
+            raise ValueError(f"capacity_blocks must be positive, got {capacity_blocks}")
+        self.capacity_blocks = capacity_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced
+        self._refs: dict[int, int] = {}  # cached, referenced: hash -> references
+        self.num_private = 0
+        self.evicted: list[int] = []  # drained by the simulator after each call
+        self.stored: list[int] = []
+
+    @property
+    def num_free(self) -> int:
+        """Blocks allocatable now, counting unreferenced cached blocks as free (evictable)."""
+        return self.capacity_blocks - len(self._refs) - self.num_private
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """Leading blocks of ``hashes`` present in the cache."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        for h in hashes:
+            if h not in self._refs and h not in self._lru:
+                break
+            n += 1
+        return n
+
+    def allocate(self, hashes: Sequence[int], num_cached: int, num_private: int) -> bool:
+        """Reference the first ``num_cached`` hashes (cached) and take ``num_private`` new blocks;
+        evicts LRU blocks as needed. False (and no change) when it cannot fit."""
+        newly_referenced = sum(1 for h in hashes[:num_cached] if h not in self._refs)
+        if newly_referenced + num_private > self.num_free:
+            return False
+        for h in hashes[:num_cached]:
+            if h in self._lru:
+                del self._lru[h]
+            self._refs[h] = self._refs.get(h, 0) + 1
+        self.num_private += num_private
+        self._evict_to_fit()
+        return True
+
+    def commit(self, hashes: Sequence[int]) -> None:
+        """Computed blocks become cached (still referenced): one private block per hash is
+        turned into a shared one; a hash already cached frees the duplicate."""
+        self.num_private -= len(hashes)
+        assert self.num_private >= 0, "committed more blocks than were private"
+        if not self.enable_prefix_caching:
+            self.num_private += len(hashes)
+            return
+        for h in hashes:
+            if h in self._lru:
+                del self._lru[h]
+            elif h not in self._refs:
+                self.stored.append(h)
+            self._refs[h] = self._refs.get(h, 0) + 1
+
+    def release(self, cached_hashes: Sequence[int], num_private: int) -> None:
+        """Drop a request's references; unreferenced blocks join the LRU list, leaf first so
+        that a prefix outlives its extensions."""
+        self.num_private -= num_private
+        assert self.num_private >= 0, "released more private blocks than allocated"
+        for h in reversed(cached_hashes):
+            refs = self._refs[h] - 1
+            if refs:
+                self._refs[h] = refs
+            else:
+                del self._refs[h]
+                self._lru[h] = None
+        self._evict_to_fit()
+
+    def _evict_to_fit(self) -> None:
+        while (
+            self._lru and len(self._lru) + len(self._refs) + self.num_private > self.capacity_blocks
+        ):
+            h, _ = self._lru.popitem(last=False)
+            self.evicted.append(h)
+
+    def check_consistency(self) -> None:
+        assert not set(self._lru) & set(self._refs), "a block is both referenced and in the LRU"
+        assert all(r > 0 for r in self._refs.values())
+        assert self.num_private >= 0
+        assert len(self._lru) + len(self._refs) + self.num_private <= self.capacity_blocks

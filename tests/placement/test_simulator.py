@@ -1,0 +1,149 @@
+"""The cluster simulator: exact timings on tiny cases, prefix cache, KV limits, events, SLOs."""
+
+from __future__ import annotations
+
+import pytest
+
+from distserve.bench.workloads import WorkloadRequest, make_workload
+from distserve.router.policies import make_policy
+from placement.latency_model import opt13b_a100
+from placement.simulator import ClusterSpec, InstanceSpec, simulate
+
+BS = 16
+LAT = opt13b_a100()
+BW = 1e12
+BYTES = 800_000
+
+
+def wreq(
+    rid: str, t: float, n_in: int, n_out: int, ids: list[int], client: str = "c"
+) -> WorkloadRequest:
+    blocks = -(-n_in // BS)
+    return WorkloadRequest(rid, t, client, n_in, n_out, tuple(ids[:blocks]), BS)
+
+
+def cluster(num_prefill: int = 1, num_decode: int = 1, **prefill_options: object) -> ClusterSpec:
+    return ClusterSpec.disaggregated(
+        num_prefill,
+        num_decode,
+        prefill=InstanceSpec("prefill", **prefill_options),  # type: ignore[arg-type]
+        kv_bytes_per_token=BYTES,
+        transfer_bandwidth_bytes_per_s=BW,
+    )
+
+
+def test_one_request_through_prefill_transfer_and_decode() -> None:
+    (rec,) = simulate(cluster(), [wreq("r", 0.0, 512, 3, list(range(32)))], "round_robin").records
+    ttft = LAT.prefill_ms([512]) / 1e3
+    transfer = 512 * BYTES / BW
+    finish = ttft + transfer + (LAT.decode_ms(1, 513) + LAT.decode_ms(1, 514)) / 1e3
+    assert rec.ttft_s == pytest.approx(ttft)
+    assert rec.finish_s == pytest.approx(finish)
+    assert rec.tpot_s == pytest.approx((finish - ttft) / 2)
+    assert (rec.prefill_instance, rec.decode_instance) == ("prefill-0", "decode-0")
+
+
+def test_a_cached_prefix_skips_its_prefill_compute() -> None:
+    shared = list(range(16))
+    reqs = [
+        wreq("r1", 0.0, 512, 2, [*shared, *range(100, 116)]),
+        wreq("r2", 10.0, 512, 2, [*shared, *range(200, 216)]),
+    ]
+    r1, r2 = sorted(simulate(cluster(), reqs, "round_robin").records, key=lambda r: r.arrival_s)
+    assert (r1.num_cached_tokens, r2.num_cached_tokens) == (0, 256)
+    assert r2.ttft_s == pytest.approx((LAT.prefill[0] + LAT.extend_work_ms(256, 256)) / 1e3)
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token() -> None:
+    reqs = [wreq("r1", 0.0, 64, 1, [1, 2, 3, 4]), wreq("r2", 5.0, 64, 1, [1, 2, 3, 4])]
+    r2 = max(simulate(cluster(), reqs, "round_robin").records, key=lambda r: r.arrival_s)
+    assert r2.num_cached_tokens == 63 and r2.ttft_s == pytest.approx(
+        (LAT.prefill[0] + LAT.extend_work_ms(1, 63)) / 1e3
+    )
+
+
+def test_lru_eviction_events_keep_the_router_index_in_step() -> None:
+    policy = make_policy("cache_aware")
+    reqs = [wreq(f"r{i}", 10.0 * i, 512, 1, list(range(100 * i, 100 * i + 32))) for i in range(3)]
+    simulate(cluster(kv_capacity_tokens=64 * BS), reqs, policy)
+    index = policy.index  # type: ignore[attr-defined]
+    assert index.match(reqs[0].chained_hashes()) == {}  # evicted (LRU) when r2 needed room
+    assert index.match(reqs[1].chained_hashes()) == {"prefill-0": 32}
+    assert index.match(reqs[2].chained_hashes()) == {"prefill-0": 32}
+    policy.check_consistency()
+
+
+def test_decode_batch_is_bounded_by_kv_capacity() -> None:
+    decode = InstanceSpec("decode", kv_capacity_tokens=40 * BS)  # room for one 512 + 100 request
+    spec = ClusterSpec(
+        (InstanceSpec("prefill"), decode),
+        kv_bytes_per_token=BYTES,
+        transfer_bandwidth_bytes_per_s=BW,
+    )
+    reqs = [
+        wreq("a", 0.0, 512, 100, list(range(32))),
+        wreq("b", 0.0, 512, 100, list(range(50, 82))),
+    ]
+    a, b = sorted(simulate(spec, reqs, "round_robin").records, key=lambda r: r.first_token_s)
+    assert (
+        b.finish_s > a.finish_s + 99 * LAT.decode_ms(1, 513) / 1e3
+    )  # b decodes only after a is gone
+
+
+def test_colocated_chunked_prefill_budget() -> None:
+    spec = ClusterSpec.colocated(1, InstanceSpec("colocated", max_prefill_tokens=256))
+    (rec,) = simulate(spec, [wreq("r", 0.0, 512, 1, list(range(32)))], "round_robin").records
+    expected = 2 * LAT.prefill[0] + LAT.extend_work_ms(256, 0) + LAT.extend_work_ms(256, 256)
+    assert rec.ttft_s == pytest.approx(expected / 1e3)  # two chunks, two steps
+
+
+def test_pipeline_parallel_prefill_overlaps_batches() -> None:
+    pp2 = opt13b_a100(pp=2)
+    reqs = [wreq(f"r{i}", 0.0, 2048, 1, list(range(200 * i, 200 * i + 128))) for i in range(2)]
+    one, two = (
+        sorted(
+            simulate(cluster(latency=lat, max_prefill_tokens=2048), reqs, "round_robin").records,
+            key=lambda r: r.ttft_s,
+        )
+        for lat in (LAT, pp2)
+    )
+    assert two[0].ttft_s == pytest.approx(one[0].ttft_s)  # a batch still takes the whole model
+    assert two[1].ttft_s == pytest.approx(1.5 * one[0].ttft_s)  # the second enters after 1 stage
+
+
+def test_requests_that_never_fit_are_rejected_and_count_against_attainment() -> None:
+    reqs = [wreq("big", 0.0, 2048, 1, list(range(128))), wreq("ok", 0.0, 64, 1, [1, 2, 3, 4])]
+    result = simulate(cluster(kv_capacity_tokens=64 * BS), reqs, "round_robin")
+    assert result.rejected == ("big",) and [r.request_id for r in result.records] == ["ok"]
+    assert result.slo_attainment(ttft_slo_s=10.0, tpot_slo_s=10.0) == 0.5
+
+
+def test_slo_attainment_needs_both_slos() -> None:
+    reqs = [wreq(f"r{i}", 0.0, 512, 3, list(range(100 * i, 100 * i + 32))) for i in range(4)]
+    result = simulate(cluster(max_prefill_tokens=512), reqs, "round_robin")  # one prompt a step
+    ttft, tpot = sorted(result.ttft_s), result.tpot_s
+    assert result.slo_attainment(ttft[1] + 1e-9, 1.0) == 0.5
+    assert result.slo_attainment(10.0, float(tpot.min()) - 1e-9) == 0.0
+
+
+def test_runs_are_deterministic_and_complete() -> None:
+    reqs = make_workload("tool_use", num_requests=150, rate_per_s=20.0, seed=2)
+    a = simulate(ClusterSpec.disaggregated(2, 2), reqs, "preble")
+    b = simulate(ClusterSpec.disaggregated(2, 2), reqs, "preble")
+    assert a.records == b.records and len(a.records) == 150
+    assert a.prefix_hit_rate > 0.5
+    summary = a.summary(ttft_slo_s=0.25, tpot_slo_s=0.1)
+    assert set(summary) >= {
+        "avg_ttft_s",
+        "p99_e2e_s",
+        "prefix_hit_rate",
+        "slo_attainment",
+        "load_imbalance",
+    }
+
+
+def test_mixed_block_sizes_are_an_error() -> None:
+    a = wreq("a", 0.0, 16, 1, [1])
+    b = WorkloadRequest("b", 0.0, "c", 32, 1, (1,), 32)
+    with pytest.raises(ValueError, match="one block size"):
+        simulate(cluster(), [a, b], "round_robin")
