@@ -178,16 +178,18 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PullKVRequest(_message.Message):
-    __slots__ = ("transfer_id", "seq_no", "decode_instance_id", "dst_ranks")
+    __slots__ = ("transfer_id", "seq_no", "decode_instance_id", "dst_ranks", "num_blocks")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_NO_FIELD_NUMBER: _ClassVar[int]
     DECODE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     DST_RANKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     seq_no: int
     decode_instance_id: str
     dst_ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, transfer_id: _Optional[str] = ..., seq_no: _Optional[int] = ..., decode_instance_id: _Optional[str] = ..., dst_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_blocks: int
+    def __init__(self, transfer_id: _Optional[str] = ..., seq_no: _Optional[int] = ..., decode_instance_id: _Optional[str] = ..., dst_ranks: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class PullKVResponse(_message.Message):
     __slots__ = ()

@@ -46,6 +46,7 @@ class EngineOutput:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs]
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    num_cached_tokens: int = 0  # prompt tokens that were served from the prefix cache
 
 
 @dataclass
@@ -270,6 +271,10 @@ class LLMEngine:
         self._transfer_ops.append(op)
         if op.kind != "cancel":
             self._transfers[op.transfer_id] = _TransferTally(ranks_left=self.tp_size)
+
+    @property
+    def has_pending_ops(self) -> bool:
+        return bool(self._transfer_ops)
 
     @property
     def num_transfers_in_flight(self) -> int:

@@ -1,0 +1,1 @@
+"""Instances: an engine wrapped as a prefill, decode or colocated gRPC service."""

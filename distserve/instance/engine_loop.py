@@ -1,0 +1,145 @@
+"""The driver's engine thread, and how the asyncio gRPC side talks to it.
+
+The engine and everything it owns (scheduler, KV manager, leases) are touched only by this
+thread. The servicer hands it work with :meth:`EngineLoop.call` (a function to run between two
+steps, whose result comes back as an awaitable) and receives tokens on a per-request
+``asyncio.Queue`` that the engine thread feeds through ``call_soon_threadsafe``.
+
+    gRPC handler (asyncio)                 engine thread
+    ──────────────────────                 ─────────────
+    await loop.call(fn) ───── inbox ─────▶ fn()  (between steps)
+    await stream.get() ◀── call_soon_threadsafe ── role.on_outputs(...)
+                                           step() when there is work, else wait on the inbox
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from distserve.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_IDLE_WAIT_S = 0.02  # how long an idle loop sleeps before re-checking timers (leases, transfers)
+
+
+@dataclass
+class StreamItem:
+    """What the engine thread sends to a request's stream."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None  # the request failed; the handler reports it to its caller
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first item)
+    payload: Any = None  # role-specific extras (the prefill's KV handle, transfer stats)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, role: Any, aio_loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.role = role  # a distserve.instance.roles.RoleHandler
+        self._aio = aio_loop
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            queue.SimpleQueue()
+        )
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue[StreamItem]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.last_step_s = 0.0
+        self.error: BaseException | None = None
+
+    # ---- called from asyncio -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between steps; its return value or exception."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine loop has failed: {self.error}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    def open_stream(self, request_id: str) -> asyncio.Queue[StreamItem]:
+        q: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # ---- called from the engine thread ---------------------------------------------------
+    def emit(self, request_id: str, item: StreamItem) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            self._aio.call_soon_threadsafe(q.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_inbox()
+                self.role.before_step()
+                if not self._has_work():
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                start = time.monotonic()
+                outputs = self.engine.step()
+                self.last_step_s = time.monotonic() - start
+                self.role.on_outputs(outputs)
+                self.role.on_transfer_results(self.engine.drain_transfer_results())
+        except BaseException as exc:  # the loop must never die silently
+            logger.exception("engine loop failed")
+            self.error = exc
+            for rid in list(self._streams):
+                self.emit(rid, StreamItem([], "abort", error=f"engine failure: {exc}"))
+            self._fail_inbox(exc)
+
+    def _has_work(self) -> bool:
+        engine = self.engine
+        sched = engine.scheduler
+        return bool(
+            sched.waiting
+            or sched.running
+            or engine.num_transfers_in_flight
+            or engine.has_pending_ops
+        )
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _fail_inbox(self, exc: BaseException) -> None:
+        while True:
+            try:
+                _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError(f"the engine loop has failed: {exc}"))

@@ -1,0 +1,254 @@
+"""Run one instance's driver: engine thread + gRPC server + registration and heartbeats.
+
+    serve_instance(engine, options)
+        ├─ EngineLoop thread (the engine, its role handler)
+        ├─ grpc.aio server: Instance service, grpc.health.v1
+        ├─ Register with the router (refused → exit with the router's reason)
+        └─ every heartbeat: Report(load + prefix-cache events); re-register if forgotten
+
+Stops on SIGINT/SIGTERM or when the router refuses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from distserve._proto import instance_pb2, instance_pb2_grpc
+from distserve.engine.llm_engine import LLMEngine
+from distserve.engine.role_schedulers import PrefillScheduler
+from distserve.instance.engine_loop import EngineLoop
+from distserve.instance.roles import DecodeRole, PrefillRole, PullInfo, RoleHandler
+from distserve.instance.servicer import InstanceServicer
+from distserve.protocol import layout_to_proto, model_fingerprint
+from distserve.transfer import TransferDescriptor
+
+logger = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class RegistrationRefused(RuntimeError):
+    """The router refused this instance (incompatible model or KV layout, duplicate id)."""
+
+
+@dataclass(frozen=True)
+class InstanceOptions:
+    instance_id: str
+    role: str  # "prefill" | "decode" | "colocated"
+    ranks: tuple[int, ...]  # global ranks, by TP rank
+    router_address: str | None  # host:port of the router's gRPC server; None: run unregistered
+    host: str = "127.0.0.1"  # the address other processes reach this instance at
+    port: int = 0  # 0 = any free port
+    heartbeat_s: float = 0.5
+    lease_timeout_s: float = 30.0
+    transfer_backend: str = "gloo"
+    world_id: str = ""
+
+
+class InstanceRuntime:
+    """Everything one instance driver runs, started and stopped together."""
+
+    def __init__(self, engine: LLMEngine, options: InstanceOptions) -> None:
+        self.engine = engine
+        self.options = options
+        self.layout = layout_to_proto(engine.kv_spec, model_fingerprint(engine.config.model))
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._report_seq = 0
+        self.address = ""
+        self.server: grpc.aio.Server | None = None
+        self.loop: EngineLoop | None = None
+
+    def _make_role(self) -> RoleHandler:
+        o = self.options
+        if o.role == "prefill":
+            return PrefillRole(self.engine, o.ranks, o.lease_timeout_s)
+        if o.role == "decode":
+            return DecodeRole(self.engine, o.instance_id, o.ranks, self._start_pull)
+        return RoleHandler(self.engine)
+
+    async def start(self) -> str:
+        aio = asyncio.get_running_loop()
+        self._aio = aio
+        role = self._make_role()
+        self.loop = EngineLoop(self.engine, role, aio)
+        role.attach(self.loop)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        self.address = f"{self.options.host}:{port}"
+        servicer = InstanceServicer(
+            self.loop,
+            self.options.instance_id,
+            self.options.role,
+            self.address,
+            self.options.ranks,
+            self.layout,
+            self._stats,
+        )
+        instance_pb2_grpc.add_InstanceServicer_to_server(servicer, self.server)
+        self.health = (
+            health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self.server.start()
+        self.loop.start()
+        await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "%s (%s) serving on %s", self.options.instance_id, self.options.role, self.address
+        )
+        return self.address
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.loop is not None:
+            self.loop.stop()
+        for channel in self._channels.values():
+            await channel.close()
+        self.engine.shutdown()
+
+    # ---- registration and heartbeats -----------------------------------------------------
+    def descriptor(self) -> instance_pb2.InstanceDescriptor:
+        o = self.options
+        return instance_pb2.InstanceDescriptor(
+            instance_id=o.instance_id,
+            role=o.role,
+            address=self.address,
+            layout=self.layout,
+            global_ranks=list(o.ranks),
+            num_kv_blocks=self.engine.num_blocks,
+            max_model_len=self.engine.max_model_len,
+            vocab_size=self.engine.model_config.vocab_size,
+            transfer_backend=o.transfer_backend,
+            world_id=o.world_id,
+        )
+
+    async def register(self) -> None:
+        from distserve._proto import instance_pb2_grpc as pb
+
+        stub = pb.RegistryStub(self._channel(self.options.router_address))
+        for attempt in range(600):
+            try:
+                reply = await stub.Register(self.descriptor(), timeout=5)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                if attempt % 20 == 0:
+                    logger.info("waiting for the router at %s", self.options.router_address)
+                await asyncio.sleep(0.25)
+        else:
+            raise RegistrationRefused(f"router at {self.options.router_address} never answered")
+        if not reply.accepted:
+            raise RegistrationRefused(reply.reason)
+
+    async def heartbeat_forever(self) -> None:
+        from distserve._proto import instance_pb2_grpc as pb
+
+        stub = pb.RegistryStub(self._channel(self.options.router_address))
+        while True:
+            await asyncio.sleep(self.options.heartbeat_s)
+            assert self.loop is not None
+            try:
+                stats = await self.loop.call(self._stats)
+                ack = await stub.Report(stats, timeout=5)
+                if not ack.known:
+                    await self.register()
+            except grpc.aio.AioRpcError as exc:
+                logger.debug("heartbeat failed: %s", exc.details())
+
+    def _stats(self) -> instance_pb2.InstanceStats:
+        """Runs on the engine thread."""
+        engine, kv, sched = self.engine, self.engine.kv, self.engine.scheduler
+        waiting = list(sched.waiting) + list(getattr(sched, "awaiting_kv", ()))
+        events = kv.drain_events()
+        self._report_seq += 1
+        return instance_pb2.InstanceStats(
+            instance_id=self.options.instance_id,
+            num_running=len(sched.running),
+            num_waiting=len(waiting),
+            num_waiting_tokens=sum(r.num_tokens - r.num_computed_tokens for r in waiting),
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=engine.num_blocks,
+            num_leased_blocks=sched.num_leased_blocks if isinstance(sched, PrefillScheduler) else 0,
+            num_pending_transfers=engine.num_transfers_in_flight,
+            prefix_hit_rate=kv.pool.stats.hit_rate,
+            recent_tpot_s=self.loop.last_step_s if self.loop else 0.0,
+            stored_block_hashes=events.stored,
+            evicted_block_hashes=events.evicted,
+            report_seq=self._report_seq,
+        )
+
+    # ---- KV pulls (decode side) ----------------------------------------------------------
+    def _channel(self, address: str | None) -> grpc.aio.Channel:
+        assert address
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
+
+    def _start_pull(self, info: PullInfo, desc: TransferDescriptor) -> None:
+        """Called on the engine thread right after the receives were queued."""
+        self._aio.call_soon_threadsafe(self._spawn, self._pull(info, desc))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pull(self, info: PullInfo, desc: TransferDescriptor) -> None:
+        stub = instance_pb2_grpc.InstanceStub(self._channel(info.address))
+        request = instance_pb2.PullKVRequest(
+            transfer_id=desc.transfer_id,
+            seq_no=desc.seq_no,
+            decode_instance_id=self.options.instance_id,
+            dst_ranks=list(desc.dst_ranks),
+            num_blocks=desc.num_blocks,
+        )
+        try:
+            await stub.PullKV(request, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            role: DecodeRole = self.loop.role  # type: ignore[union-attr]
+            error = f"{exc.code().name}: {exc.details()}"
+            await self.loop.call(lambda: role.pull_failed(desc.transfer_id, error))  # type: ignore[union-attr]
+
+
+async def _set_health(servicer: object, status: int) -> None:
+    result = servicer.set("", status)  # type: ignore[attr-defined]
+    if asyncio.iscoroutine(result):
+        await result
+
+
+async def serve_instance(engine: LLMEngine, options: InstanceOptions) -> int:
+    """Run an instance until a signal stops it; returns a process exit code."""
+    runtime = InstanceRuntime(engine, options)
+    stop = asyncio.Event()
+    aio = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        aio.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        await runtime.start()
+        if options.router_address:
+            await runtime.register()
+            runtime._spawn(runtime.heartbeat_forever())
+            logger.info(
+                "%s registered with the router at %s", options.instance_id, options.router_address
+            )
+        await stop.wait()
+    except RegistrationRefused as exc:
+        logger.error("%s was refused by the router: %s", options.instance_id, exc)
+        code = 3
+    finally:
+        await runtime.stop()
+    return code
