@@ -29,7 +29,14 @@ def load_model(
     tp: TensorParallelGroup = TensorParallelGroup(),  # noqa: B008 (frozen, so a safe default)
     attention_backend: str = "auto",
 ) -> CausalLM:
-    """Load ``model_path`` in ``dtype`` on ``device`` as rank ``tp.rank`` of ``tp.size``; eval mode."""
+    """Load ``model_path`` in ``dtype`` on ``device`` as rank ``tp.rank`` of ``tp.size``; eval mode.
+
+    Raises ``ValueError`` naming the problem for: an architecture other than Llama/Mistral/Qwen2,
+    an unsupported rope type or activation, a sliding window smaller than
+    ``max_position_embeddings`` (sliding-window attention is unsupported), shapes that do not
+    split over ``tp.size``, missing, unexpected or mis-shaped tensors, an unknown or unavailable
+    ``attention_backend`` (``"auto"``, ``"sdpa"``, ``"flash_attn"``).
+    """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype}; expected one of {SUPPORTED_DTYPES}")
     config = ModelConfig.from_pretrained(model_path)

@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, int]] = {
         "heads": 4,
         "kv_heads": 2,
         "intermediate_size": 128,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": 2048,
     },
     # ~76M parameters: CPU benchmarks
     "small-100m": {

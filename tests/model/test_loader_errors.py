@@ -81,8 +81,8 @@ def test_sliding_window_smaller_than_context(tmp_path: Path) -> None:
     _edit_config(model_dir, sliding_window=128)
     with pytest.raises(ValueError, match="sliding_window"):
         ModelConfig.from_pretrained(model_dir)
-    _edit_config(model_dir, sliding_window=4096)  # never masks within 512 positions: accepted
-    assert ModelConfig.from_pretrained(model_dir).max_position_embeddings == 512
+    _edit_config(model_dir, sliding_window=4096)  # never masks within 2048 positions: accepted
+    assert ModelConfig.from_pretrained(model_dir).max_position_embeddings == 2048
 
 
 def test_unsupported_activation_dtype_backend_and_tp(tmp_path: Path) -> None:
