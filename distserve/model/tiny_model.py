@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from distserve.model.tiny_tokenizer import (
     BOS,
@@ -103,13 +104,13 @@ def make_tiny_model(
     multiple = spec["pad_vocab_to_multiple_of"]
     vocab_size = -(-tokenizer.get_vocab_size() // multiple) * multiple
     special = {
-        name: tokenizer.token_to_id(tok) for name, tok in (("bos", BOS), ("eos", EOS), ("pad", PAD))
+        name: _token_id(tokenizer, tok) for name, tok in (("bos", BOS), ("eos", EOS), ("pad", PAD))
     }
 
     _hf_config(arch, spec, vocab_size, special).save_pretrained(out)
     generation = {
         "bos_token_id": special["bos"],
-        "eos_token_id": [special["eos"], tokenizer.token_to_id(IM_END)],
+        "eos_token_id": [special["eos"], _token_id(tokenizer, IM_END)],
         "pad_token_id": special["pad"],
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -117,6 +118,12 @@ def make_tiny_model(
     tensors = _random_weights(arch, spec, vocab_size, seed)
     _save_weights(tensors, out, spec["shard_size"])
     return out
+
+
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    assert token_id is not None, f"{token} missing from the tiny tokenizer"
+    return token_id
 
 
 def _validate(arch: str, spec: dict[str, Any]) -> None:
@@ -168,6 +175,7 @@ def _hf_config(arch: str, spec: dict[str, Any], vocab_size: int, special: dict[s
     }
     if spec["rope_scaling"] is not None:
         common["rope_scaling"] = dict(spec["rope_scaling"])
+    config: LlamaConfig | MistralConfig | Qwen2Config
     if arch == "llama":
         config = LlamaConfig(**common, attention_bias=spec["attention_bias"])
     elif arch == "mistral":

@@ -115,6 +115,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _default_inv_freq(rope.theta, head_dim) / rope.factor
         else:
             inv_freq = _default_inv_freq(rope.theta, head_dim)
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
     def forward(
