@@ -11,6 +11,7 @@ or written.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -32,8 +33,9 @@ def is_settled(op: PendingOp) -> bool:
 class OrphanOps:
     """Posted ops of ended transfers, kept (with their buffers) until they complete."""
 
-    def __init__(self) -> None:
+    def __init__(self, release: Callable[[torch.Tensor], None]) -> None:
         self._ops: list[tuple[PendingOp, torch.Tensor]] = []
+        self._release = release  # hands a buffer back once its op settled
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -47,8 +49,10 @@ class OrphanOps:
             try:
                 if not op.is_done():
                     still_pending.append((op, buffer))
+                    continue
             except TransferBackendError as err:
                 logger.warning("orphaned KV transfer op failed: %s", err)
+            self._release(buffer)
         self._ops = still_pending
 
 

@@ -40,6 +40,7 @@ import torch
 
 from distserve.transfer.backend import PendingOp, TransferBackend, TransferBackendError
 from distserve.transfer.block_copy import block_index, scatter_blocks
+from distserve.transfer.buffer_pool import DEFAULT_MAX_POOLED_BYTES, MessagePool
 from distserve.transfer.checks import check_block_ids, check_cache, check_member
 from distserve.transfer.descriptor import TransferDescriptor, TransferResult, TransferState
 from distserve.transfer.device_stream import PASSED_FENCE, Fence, TransferStream
@@ -49,7 +50,7 @@ from distserve.transfer.wire import (
     HEADER_BYTES,
     MessageFormatError,
     MessageKind,
-    alloc_message,
+    message_bytes,
     payload_view,
     read_header,
     transfer_tag,
@@ -88,6 +89,7 @@ class KVReceiver:
         backend: TransferBackend,
         *,
         timeout_s: float = 60.0,
+        max_pooled_bytes: int = DEFAULT_MAX_POOLED_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cache = kv_cache
@@ -102,7 +104,8 @@ class KVReceiver:
         self._next_seq_no: dict[int, int] = {}  # source rank -> seq_no the next post must carry
         self._broken: dict[int, str] = {}  # source rank -> why the pair lost step
         self._finished = FencedResults()
-        self._orphans = OrphanOps()
+        self._pool = MessagePool(max_pooled_bytes)
+        self._orphans = OrphanOps(self._pool.release)
 
     # ---- calls from the engine step ------------------------------------------------------
 
@@ -130,9 +133,8 @@ class KVReceiver:
         for head_slice in slices:
             src_rank = desc.src_ranks[head_slice.src_tp_rank]
             self._next_seq_no[src_rank] = desc.seq_no + 1
-            buffer = alloc_message(
-                desc.spec, desc.num_blocks, head_slice.num_heads, self._wire_device, self._is_pinned
-            )
+            num_bytes = message_bytes(desc.spec, desc.num_blocks, head_slice.num_heads)
+            buffer = self._pool.acquire(num_bytes, self._wire_device, self._is_pinned)
             op = self._backend.irecv(buffer, src_rank)
             transfer.parts.append(_Part(src_rank, head_slice, buffer, op))
         broken = [
@@ -181,6 +183,11 @@ class KVReceiver:
     @property
     def num_orphans(self) -> int:
         return len(self._orphans)
+
+    @property
+    def num_buffers_in_use(self) -> int:
+        """Message buffers lent out and not yet returned (pending, orphaned or queued)."""
+        return self._pool.num_lent
 
     def check_consistency(self) -> None:
         for transfer in self._transfers.values():
@@ -258,7 +265,9 @@ class KVReceiver:
         del self._transfers[transfer.desc.transfer_id]
         transfer.state = state
         for part in transfer.parts:
-            if not is_settled(part.op):
+            if is_settled(part.op):  # and its scatter, if any, has finished
+                self._pool.release(part.buffer)
+            else:
                 self._orphans.add(part.op, part.buffer)  # lands in its own buffer, then dropped
         num_bytes = 0
         if state is TransferState.DONE:

@@ -41,6 +41,7 @@ import torch
 
 from distserve.transfer.backend import PendingOp, TransferBackend, TransferBackendError
 from distserve.transfer.block_copy import block_index, gather_blocks
+from distserve.transfer.buffer_pool import DEFAULT_MAX_POOLED_BYTES, MessagePool
 from distserve.transfer.checks import check_block_ids, check_cache, check_member
 from distserve.transfer.descriptor import TransferDescriptor, TransferResult, TransferState
 from distserve.transfer.device_stream import PASSED_FENCE, Fence, TransferStream
@@ -50,7 +51,7 @@ from distserve.transfer.wire import (
     HEADER_BYTES,
     MessageHeader,
     MessageKind,
-    alloc_message,
+    message_bytes,
     payload_view,
     transfer_tag,
     write_header,
@@ -88,6 +89,7 @@ class KVSender:
         backend: TransferBackend,
         *,
         timeout_s: float = 60.0,
+        max_pooled_bytes: int = DEFAULT_MAX_POOLED_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cache = kv_cache
@@ -102,7 +104,8 @@ class KVSender:
         self._next_seq_no: dict[int, int] = {}  # destination rank -> next seq_no to issue
         self._waiting: dict[int, dict[int, _Message]] = {}  # destination -> seq_no -> message
         self._finished = FencedResults()  # reported once the gathers stopped reading the blocks
-        self._orphans = OrphanOps()
+        self._pool = MessagePool(max_pooled_bytes)
+        self._orphans = OrphanOps(self._pool.release)
 
     # ---- calls from the engine step ------------------------------------------------------
 
@@ -116,13 +119,7 @@ class KVSender:
         with self._stream.use(after_compute=True):
             index = block_index(block_ids, self._cache.device)
             for head_slice in slices:
-                buffer = alloc_message(
-                    desc.spec,
-                    desc.num_blocks,
-                    head_slice.num_heads,
-                    self._wire_device,
-                    self._is_pinned,
-                )
+                buffer = self._acquire(desc, head_slice)
                 self._gather(desc, index, head_slice, buffer)
                 self._enqueue(transfer, head_slice, buffer, self._stream.fence(), is_void=False)
 
@@ -132,9 +129,7 @@ class KVSender:
         slices = self._my_slices(desc)
         transfer = self._new_transfer(desc, slices)
         for head_slice in slices:
-            buffer = alloc_message(
-                desc.spec, desc.num_blocks, head_slice.num_heads, self._wire_device, self._is_pinned
-            )
+            buffer = self._acquire(desc, head_slice)
             self._enqueue(transfer, head_slice, buffer, PASSED_FENCE, is_void=True)
         if slices:
             self._finish(transfer, TransferState.CANCELLED, f"void send: {reason}")
@@ -171,6 +166,11 @@ class KVSender:
     @property
     def num_orphans(self) -> int:
         return len(self._orphans)
+
+    @property
+    def num_buffers_in_use(self) -> int:
+        """Message buffers lent out and not yet returned (pending, orphaned or queued)."""
+        return self._pool.num_lent
 
     def check_consistency(self) -> None:
         for dst_rank, waiting in self._waiting.items():
@@ -210,6 +210,10 @@ class KVSender:
         else:  # a replica whose heads other prefill ranks send: nothing to do here
             self._finished.add(TransferResult(desc.transfer_id, TransferState.DONE, 0, 0.0), [])
         return transfer
+
+    def _acquire(self, desc: TransferDescriptor, head_slice: HeadSlice) -> torch.Tensor:
+        num_bytes = message_bytes(desc.spec, desc.num_blocks, head_slice.num_heads)
+        return self._pool.acquire(num_bytes, self._wire_device, self._is_pinned)
 
     def _gather(
         self,
@@ -301,7 +305,9 @@ class KVSender:
         for message in transfer.messages:
             if message.op is None:
                 message.is_void = True  # still sent in its turn, so the receiver's slot is filled
-            elif state is not TransferState.DONE and not is_settled(message.op):
+            elif is_settled(message.op):
+                self._pool.release(message.buffer)
+            else:
                 self._orphans.add(message.op, message.buffer)
         elapsed_s = self._clock() - transfer.started_s
         num_bytes = 0

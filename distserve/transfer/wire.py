@@ -60,11 +60,15 @@ def payload_shape(spec: KVCacheSpec, num_blocks: int, num_heads: int) -> tuple[i
     return (spec.num_layers, 2, num_blocks, spec.block_size, num_heads, spec.head_dim)
 
 
+def message_bytes(spec: KVCacheSpec, num_blocks: int, num_heads: int) -> int:
+    return HEADER_BYTES + _numel(payload_shape(spec, num_blocks, num_heads)) * spec.dtype_bytes
+
+
 def alloc_message(
     spec: KVCacheSpec, num_blocks: int, num_heads: int, device: torch.device, is_pinned: bool
 ) -> torch.Tensor:
-    """An uninitialized message buffer (pinned: host memory that stages a CUDA cache)."""
-    num_bytes = HEADER_BYTES + _numel(payload_shape(spec, num_blocks, num_heads)) * spec.dtype_bytes
+    """A fresh uninitialized message buffer (pinned: host memory that stages a CUDA cache)."""
+    num_bytes = message_bytes(spec, num_blocks, num_heads)
     return torch.empty(num_bytes, dtype=torch.uint8, device=device, pin_memory=is_pinned)
 
 

@@ -72,6 +72,8 @@ class Rank:
             self.sender = KVSender(cache, rank, backend, timeout_s=20.0)
 
     def close(self) -> None:
+        endpoint = self.receiver if self.is_decode else self.sender
+        assert (endpoint.num_active, endpoint.num_buffers_in_use) == (0, 0)
         dist.barrier(group=self.control)  # nobody tears down while a peer still polls
         self.backend.close()
 

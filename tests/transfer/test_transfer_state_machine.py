@@ -106,6 +106,15 @@ class Cluster:
             endpoint.check_consistency()
         return sent, received
 
+    def assert_quiet(self) -> None:
+        """Nothing pending anywhere, and every message buffer is back in its pool."""
+        for endpoint in (*self.senders, *self.receivers):
+            assert (endpoint.num_active, endpoint.num_orphans, endpoint.num_buffers_in_use) == (
+                0,
+                0,
+                0,
+            )
+
     def dst_cache(self, dst_tp_rank: int) -> torch.Tensor:
         return self.receivers[dst_tp_rank]._cache
 
@@ -162,6 +171,7 @@ def test_replica_with_nothing_to_send_reports_done_at_once() -> None:
     assert _states(received) == {"req-0": TransferState.DONE}
     assert cluster.fabric.sent_log == [(0, 2, cluster.fabric.sent_log[0][2])]  # only rank 0 sent
     cluster.assert_landed([pull])
+    cluster.assert_quiet()
 
 
 def test_sends_requested_out_of_order_are_issued_in_posted_order() -> None:
@@ -181,6 +191,7 @@ def test_sends_requested_out_of_order_are_issued_in_posted_order() -> None:
     _, received = cluster.poll()
     assert set(_states(received).values()) == {TransferState.DONE} and len(received) == 3
     cluster.assert_landed([a, b, c])
+    cluster.assert_quiet()
 
 
 def test_receives_must_be_posted_in_seq_no_order_and_sends_not_repeated() -> None:
@@ -227,6 +238,7 @@ def test_cancel_after_post_never_writes_the_blocks_and_the_pair_keeps_working() 
     cluster.send(c)
     cluster.poll()
     cluster.assert_landed([b, c])  # a's blocks untouched
+    cluster.assert_quiet()
 
 
 def test_cancel_before_the_send_is_issued_turns_it_void() -> None:
@@ -249,6 +261,7 @@ def test_cancel_before_the_send_is_issued_turns_it_void() -> None:
     failed = next(r for r in received if r.transfer_id == "req-1")
     assert "sent no KV" in (failed.error or "") and failed.num_bytes == 0
     cluster.assert_landed([a, c])
+    cluster.assert_quiet()
 
 
 def test_void_send_when_the_lease_expired() -> None:
@@ -265,6 +278,7 @@ def test_void_send_when_the_lease_expired() -> None:
     ] * 2
     assert _states(received) == {"req-0": TransferState.FAILED, "req-1": TransferState.DONE}
     cluster.assert_landed([b])
+    cluster.assert_quiet()
 
 
 def test_receive_timeout_then_the_late_message_is_soaked_up() -> None:
@@ -281,6 +295,7 @@ def test_receive_timeout_then_the_late_message_is_soaked_up() -> None:
     _, received = cluster.poll()
     assert _states(received) == {"req-1": TransferState.DONE}
     cluster.assert_landed([b])
+    cluster.assert_quiet()
 
 
 def test_send_timeout_while_waiting_for_a_predecessor() -> None:
@@ -298,6 +313,7 @@ def test_send_timeout_while_waiting_for_a_predecessor() -> None:
     assert _states(sent) == {"req-0": TransferState.DONE}
     assert _states(received) == {"req-0": TransferState.DONE, "req-1": TransferState.FAILED}
     cluster.assert_landed([a])
+    cluster.assert_quiet()
 
 
 def test_backend_failure_is_an_explicit_error_on_both_sides() -> None:
@@ -312,6 +328,7 @@ def test_backend_failure_is_an_explicit_error_on_both_sides() -> None:
         (TransferState.FAILED, "peer died")
     ] * 2
     cluster.assert_landed([])
+    cluster.assert_quiet()
 
 
 def test_out_of_step_message_is_refused_and_breaks_the_pair() -> None:
