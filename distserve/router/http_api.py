@@ -101,6 +101,7 @@ def build_http_app(
             "created": 0,
             "owned_by": "distserve",
             "max_model_len": frontend.max_model_len,
+            "vocab_size": len(frontend.tokenizer),  # not OpenAI's; lets bench send token ids
         }
         return answer(request, 200, {"object": "list", "data": [card]})
 

@@ -33,6 +33,9 @@ from distserve.router.types import (
 class FakeTokenizer:
     """One token per character; a ChatML-like template."""
 
+    def __len__(self) -> int:
+        return 1000
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [ord(c) for c in text]
 

@@ -160,3 +160,24 @@ def test_models_health_and_metrics_move(client, server):
     client.completions.create(model="fake-model", prompt="x", max_tokens=1)
     client.completions.create(model="fake-model", prompt="x", max_tokens=1, stream=True).close()
     assert completions_served() == before + 2
+
+
+def test_chat_with_a_real_hugging_face_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from distserve.model.tiny_tokenizer import build_tokenizer, save_tokenizer
+
+    save_tokenizer(build_tokenizer(), tmp_path, 512)
+    frontend = FakeFrontend()
+    frontend.tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    with serve_app(build_http_app(frontend)) as url:
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Hello, world!"}]}]
+        resp = httpx.post(
+            f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 2}
+        )
+    assert resp.status_code == 200, resp.text
+    expected = "<|im_start|>user\nHello, world!<|im_end|>\n<|im_start|>assistant\n"
+    ids = frontend.tokenizer.encode(expected, add_special_tokens=False)
+    assert list(frontend.requests[-1].prompt_token_ids) == ids
+    assert ids[0] == frontend.tokenizer.convert_tokens_to_ids("<|im_start|>")  # one special token
+    assert resp.json()["usage"]["prompt_tokens"] == len(ids)
