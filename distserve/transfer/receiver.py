@@ -22,6 +22,10 @@ and only once every message of the transfer arrived with a header naming this tr
 decode side may free its blocks as soon as ``poll()`` reports the result (never earlier: on CUDA
 a COMMITTING scatter is still writing).
 
+Staging buffers come from a pool (``buffer_pool.py``) and go back to it once their receive
+completed and their payload was scattered. On the nccl path, reading a header is a 64-byte
+device→host copy on the transfer stream (not the compute stream).
+
 Ordering: ``post_recv`` must be called in ``seq_no`` order per prefill instance (checked);
 backends match a pair's messages in posting order and the sender issues in ``seq_no`` order, so
 each message lands in its own transfer's buffer. A cancelled receive cannot be taken back
@@ -130,13 +134,14 @@ class KVReceiver:
                 )
         transfer = _Transfer(desc, block_ids, self._clock())
         self._transfers[desc.transfer_id] = transfer
-        for head_slice in slices:
-            src_rank = desc.src_ranks[head_slice.src_tp_rank]
-            self._next_seq_no[src_rank] = desc.seq_no + 1
-            num_bytes = message_bytes(desc.spec, desc.num_blocks, head_slice.num_heads)
-            buffer = self._pool.acquire(num_bytes, self._wire_device, self._is_pinned)
-            op = self._backend.irecv(buffer, src_rank)
-            transfer.parts.append(_Part(src_rank, head_slice, buffer, op))
+        with self._stream.use():  # nccl: the receive must not wait for the engine's compute
+            for head_slice in slices:
+                src_rank = desc.src_ranks[head_slice.src_tp_rank]
+                self._next_seq_no[src_rank] = desc.seq_no + 1
+                num_bytes = message_bytes(desc.spec, desc.num_blocks, head_slice.num_heads)
+                buffer = self._pool.acquire(num_bytes, self._wire_device, self._is_pinned)
+                op = self._backend.irecv(buffer, src_rank)
+                transfer.parts.append(_Part(src_rank, head_slice, buffer, op))
         broken = [
             f"rank {r}: {self._broken[r]}" for r in self._pair_ranks(transfer) if r in self._broken
         ]
