@@ -209,9 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes_mb = list(QUICK_SIZES_MB if args.quick else SIZES_MB)
     reps = args.reps or (3 if args.quick else 7)
+    load_before = os.getloadavg()
     rows = _run_world(sizes_mb, reps, args.timeout_s)
+    load_after = os.getloadavg()
 
-    print(f"KV transfer over gloo, 2 processes on {platform.node()}, {reps} reps, median")
+    print(
+        f"KV transfer over gloo, 2 processes on {platform.node()} ({os.cpu_count()} CPUs, "
+        f"load {load_before[0]:.1f} -> {load_after[0]:.1f}), {reps} reps, median"
+    )
     print(
         f"{'KV MB':>7} {'blocks':>7} {'raw ms':>9} {'ours ms':>9} {'raw GB/s':>9} "
         f"{'ours GB/s':>10} {'ours/raw':>9} {'gather ms':>10} {'scatter ms':>11}"
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             "node": platform.node(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
+            "loadavg_1min_before_after": [load_before[0], load_after[0]],
         },
         "torch": torch.__version__,
         "backend": "gloo",
