@@ -91,6 +91,26 @@ class ReportAck(_message.Message):
     known: bool
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
+class ListInstancesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InstanceInfo(_message.Message):
+    __slots__ = ("descriptor", "stats", "seconds_since_report")
+    DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    descriptor: InstanceDescriptor
+    stats: InstanceStats
+    seconds_since_report: float
+    def __init__(self, descriptor: _Optional[_Union[InstanceDescriptor, _Mapping]] = ..., stats: _Optional[_Union[InstanceStats, _Mapping]] = ..., seconds_since_report: _Optional[float] = ...) -> None: ...
+
+class InstanceList(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ...) -> None: ...
+
 class EngineRequest(_message.Message):
     __slots__ = ("request_id", "client_id", "prompt_token_ids", "sampling")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class RegistryStub:
                 request_serializer=distserve_dot_v1_dot_instance__pb2.InstanceStats.SerializeToString,
                 response_deserializer=distserve_dot_v1_dot_instance__pb2.ReportAck.FromString,
                 _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/distserve.v1.Registry/ListInstances',
+                request_serializer=distserve_dot_v1_dot_instance__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=distserve_dot_v1_dot_instance__pb2.InstanceList.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -62,6 +67,13 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInstances(self, request, context):
+        """for operators and tests
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +86,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=distserve_dot_v1_dot_instance__pb2.InstanceStats.FromString,
                     response_serializer=distserve_dot_v1_dot_instance__pb2.ReportAck.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=distserve_dot_v1_dot_instance__pb2.ListInstancesRequest.FromString,
+                    response_serializer=distserve_dot_v1_dot_instance__pb2.InstanceList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +147,33 @@ class Registry:
             '/distserve.v1.Registry/Report',
             distserve_dot_v1_dot_instance__pb2.InstanceStats.SerializeToString,
             distserve_dot_v1_dot_instance__pb2.ReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distserve.v1.Registry/ListInstances',
+            distserve_dot_v1_dot_instance__pb2.ListInstancesRequest.SerializeToString,
+            distserve_dot_v1_dot_instance__pb2.InstanceList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -350,7 +350,13 @@ class LLMEngine:
                 finish_reason = req.status.value
                 self.requests.pop(req.request_id, None)
             outputs.append(
-                EngineOutput(req.request_id, [tokens[j]], [lp] if lp else [], finish_reason)
+                EngineOutput(
+                    req.request_id,
+                    [tokens[j]],
+                    [lp] if lp else [],
+                    finish_reason,
+                    req.num_cached_tokens,
+                )
             )
         return outputs
 

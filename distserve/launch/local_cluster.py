@@ -187,6 +187,17 @@ class LocalCluster:
             )
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if this (parent) process dies, so no orphans remain."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: stop() still cleans up on a normal exit
+
+
 def _signal(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)

@@ -22,10 +22,14 @@ import torch
 
 @dataclass
 class AttentionMetadata:
-    query_start_loc: torch.Tensor  # int32 [B + 1]: offsets of each sequence's new tokens in the flat batch
+    query_start_loc: (
+        torch.Tensor
+    )  # int32 [B + 1]: offsets of each sequence's new tokens in the flat batch
     seq_lens: torch.Tensor  # int32 [B]: context length of each sequence after this step
     block_tables: torch.Tensor  # int32 [B, max_num_blocks]: block ids per sequence, padded with 0
-    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block_id * block_size + offset) of each new token
+    slot_mapping: (
+        torch.Tensor
+    )  # int64 [T]: cache slot (block_id * block_size + offset) of each new token
     query_lens_cpu: list[int]  # host copy of the per-sequence number of new tokens
     seq_lens_cpu: list[int]  # host copy of seq_lens
     block_size: int

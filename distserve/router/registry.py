@@ -73,6 +73,7 @@ class InstanceRegistry:
         self._world_id: str | None = None
         self._on_change = on_change
         self.changed = asyncio.Event()
+        self._closing: set[asyncio.Task] = set()  # channel closes in flight
 
     # ---- queries -------------------------------------------------------------------------
     def by_role(self, role: str) -> list[InstanceRecord]:
@@ -115,7 +116,7 @@ class InstanceRegistry:
         old = self.instances.pop(d.instance_id, None)
         if old is not None:
             self.policy.remove_instance(d.instance_id)
-            asyncio.ensure_future(old.channel.close())
+            self._close_later(old.channel)
         channel = grpc.aio.insecure_channel(d.address)
         self.instances[d.instance_id] = InstanceRecord(
             d, channel, instance_pb2_grpc.InstanceStub(channel)
@@ -148,7 +149,7 @@ class InstanceRegistry:
             return
         logger.warning("instance %s removed: %s", instance_id, why)
         self.policy.remove_instance(instance_id)
-        asyncio.ensure_future(record.channel.close())
+        self._close_later(record.channel)
         self._notify()
 
     async def watch_liveness(self) -> None:
@@ -167,6 +168,11 @@ class InstanceRegistry:
             await record.channel.close()
         self.instances.clear()
 
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.ensure_future(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _notify(self) -> None:
         self.changed.set()
         if self._on_change is not None:
@@ -179,10 +185,23 @@ class RegistryServicer(instance_pb2_grpc.RegistryServicer):
 
     async def Register(
         self, request: instance_pb2.InstanceDescriptor, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.RegisterResponse:  # noqa: N802
+    ) -> instance_pb2.RegisterResponse:
         return self.registry.register(request)
 
     async def Report(
         self, request: instance_pb2.InstanceStats, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.ReportAck:  # noqa: N802
+    ) -> instance_pb2.ReportAck:
         return instance_pb2.ReportAck(known=self.registry.report(request))
+
+    async def ListInstances(
+        self, request: instance_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext
+    ) -> instance_pb2.InstanceList:
+        now = time.monotonic()
+        return instance_pb2.InstanceList(
+            instances=[
+                instance_pb2.InstanceInfo(
+                    descriptor=r.descriptor, stats=r.stats, seconds_since_report=now - r.last_seen_s
+                )
+                for r in self.registry.instances.values()
+            ]
+        )

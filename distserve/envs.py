@@ -1,0 +1,30 @@
+"""Every environment variable distserve reads, in one place.
+
+- ``DISTSERVE_CACHE_DIR``: where the demo model and logs of ``distserve serve`` live
+  (default ``$XDG_CACHE_HOME/distserve`` or ``~/.cache/distserve``).
+- ``DISTSERVE_HOST``: the address this node's instances advertise to the router (multi-node).
+- ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``: set by torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DISTSERVE_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "distserve"
+
+
+def advertise_host() -> str | None:
+    return os.environ.get("DISTSERVE_HOST") or None
+
+
+def torchrun_env() -> dict[str, str]:
+    """The torchrun variables that are set (callers check for the ones they need)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: os.environ[k] for k in keys if k in os.environ}
