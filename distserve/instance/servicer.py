@@ -107,7 +107,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     # ---- requests ------------------------------------------------------------------------
     async def Prefill(
         self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.PrefillResponse:  # noqa: N802
+    ) -> instance_pb2.PrefillResponse:
         await self._require_role(context, "prefill")
         params = await _params(request, context)
         rid = request.request_id
@@ -149,7 +149,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
 
     async def Decode(
         self, request: instance_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[instance_pb2.TokenChunk]:  # noqa: N802
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
         await self._require_role(context, "decode")
         inner = request.request
         params = await _params(inner, context)
@@ -180,7 +180,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
 
     async def Generate(
         self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[instance_pb2.TokenChunk]:  # noqa: N802
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
         await self._require_role(context, "colocated")
         params = await _params(request, context)
         rid = request.request_id
@@ -193,19 +193,19 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
 
     async def Abort(
         self, request: instance_pb2.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.AbortResponse:  # noqa: N802
+    ) -> instance_pb2.AbortResponse:
         found = await self.loop.call(lambda: self.handler.abort(request.request_id))
         return instance_pb2.AbortResponse(found=bool(found))
 
     async def GetStats(
         self, request: instance_pb2.StatsRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.InstanceStats:  # noqa: N802
+    ) -> instance_pb2.InstanceStats:
         return await self.loop.call(self._stats)
 
     # ---- KV pulls (prefill side) ---------------------------------------------------------
     async def PullKV(
         self, request: instance_pb2.PullKVRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.PullKVResponse:  # noqa: N802
+    ) -> instance_pb2.PullKVResponse:
         await self._require_role(context, "prefill")
         try:
             desc = TransferDescriptor(
@@ -224,7 +224,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
 
     async def ReleaseKV(
         self, request: instance_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.ReleaseKVResponse:  # noqa: N802
+    ) -> instance_pb2.ReleaseKVResponse:
         await self._require_role(context, "prefill")
         role: PrefillRole = self.handler  # type: ignore[assignment]
         found = await self.loop.call(lambda: role.release(request.transfer_id))

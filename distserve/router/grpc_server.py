@@ -22,7 +22,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.core = core
         self.policy_name = policy_name
 
-    async def Generate(  # noqa: N802
+    async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         try:
@@ -64,7 +64,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         finally:
             await stream.aclose()
 
-    async def GetModelInfo(  # noqa: N802
+    async def GetModelInfo(
         self, request: generation_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.ModelInfo:
         registry = self.core.registry

@@ -73,8 +73,8 @@ def test_16_concurrent_requests_equal_hf_with_prefill_tp2_decode_tp1(cluster, hf
 
 
 def test_text_prompt_stop_string_and_prefix_reuse(cluster):
-    tokens, last = _generate(cluster.grpc_address, list(range(20, 84)), max_tokens=8)
-    again, last2 = _generate(cluster.grpc_address, list(range(20, 84)) + [99], max_tokens=8)
+    _generate(cluster.grpc_address, list(range(20, 84)), max_tokens=8)
+    _, last2 = _generate(cluster.grpc_address, list(range(20, 84)) + [99], max_tokens=8)
     assert last2.usage.cached_tokens == 64  # 8 full blocks of 8 tokens reused on the prefill side
     with grpc.insecure_channel(cluster.grpc_address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
