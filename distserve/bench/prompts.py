@@ -109,7 +109,7 @@ def _random(opts: PromptOptions) -> list[WorkloadRequest]:
 
 
 def _shared_prefix(opts: PromptOptions) -> list[WorkloadRequest]:
-    block_size = 32  # workloads' default; the prefix is a whole number of blocks
+    block_size = 16  # the prefix is a whole number of blocks of the workload's block ids
     wanted = opts.prefix_len if opts.prefix_len is not None else opts.input_len * 3 // 4
     prefix_len = max(1, wanted // block_size) * block_size
     if prefix_len >= opts.input_len:
