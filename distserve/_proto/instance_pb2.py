@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import generation_pb2 as distserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64istserve/v1/instance.proto\x12\x0c\x64istserve.v1\x1a\x1d\x64istserve/v1/generation.proto\"x\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\xf4\x01\n\x12InstanceDescriptor\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.distserve.v1.KVLayout\x12\x14\n\x0cglobal_ranks\x18\x05 \x03(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x18\n\x10transfer_backend\x18\t \x01(\t\x12\x10\n\x08world_id\x18\n \x01(\t\"4\n\x10RegisterResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd6\x02\n\rInstanceStats\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x1a\n\x12num_waiting_tokens\x18\x04 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\r\x12\x19\n\x11num_leased_blocks\x18\x07 \x01(\r\x12\x1d\n\x15num_pending_transfers\x18\x08 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\t \x01(\x01\x12\x15\n\rrecent_tpot_s\x18\n \x01(\x01\x12\x1b\n\x13stored_block_hashes\x18\x0b \x03(\x04\x12\x1c\n\x14\x65victed_block_hashes\x18\x0c \x03(\x04\x12\x12\n\nreport_seq\x18\r \x01(\x04\"\x1a\n\tReportAck\x12\r\n\x05known\x18\x01 \x01(\x08\"\x16\n\x14ListInstancesRequest\"\x8e\x01\n\x0cInstanceInfo\x12\x34\n\ndescriptor\x18\x01 \x01(\x0b\x32 .distserve.v1.InstanceDescriptor\x12*\n\x05stats\x18\x02 \x01(\x0b\x32\x1b.distserve.v1.InstanceStats\x12\x1c\n\x14seconds_since_report\x18\x03 \x01(\x01\"=\n\x0cInstanceList\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.distserve.v1.InstanceInfo\"\x81\x01\n\rEngineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.distserve.v1.SamplingOptions\"\xa8\x01\n\x08KVHandle\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x11\n\tsrc_ranks\x18\x06 \x03(\r\x12&\n\x06layout\x18\x07 \x01(\x0b\x32\x16.distserve.v1.KVLayout\"\x93\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\"\n\x02kv\x18\x05 \x01(\x0b\x32\x16.distserve.v1.KVHandle\"y\n\rDecodeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.distserve.v1.EngineRequest\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\"\n\x02kv\x18\x03 \x01(\x0b\x32\x16.distserve.v1.KVHandle\"\x91\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x06 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"w\n\rPullKVRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_no\x18\x02 \x01(\x04\x12\x1a\n\x12\x64\x65\x63ode_instance_id\x18\x03 \x01(\t\x12\x11\n\tdst_ranks\x18\x04 \x03(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\"\x10\n\x0ePullKVResponse\"\'\n\x10ReleaseKVRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\"\n\x11ReleaseKVResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe9\x01\n\x08Registry\x12L\n\x08Register\x12 .distserve.v1.InstanceDescriptor\x1a\x1e.distserve.v1.RegisterResponse\x12>\n\x06Report\x12\x1b.distserve.v1.InstanceStats\x1a\x17.distserve.v1.ReportAck\x12O\n\rListInstances\x12\".distserve.v1.ListInstancesRequest\x1a\x1a.distserve.v1.InstanceList2\xf3\x03\n\x08Instance\x12\x45\n\x07Prefill\x12\x1b.distserve.v1.EngineRequest\x1a\x1d.distserve.v1.PrefillResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1b.distserve.v1.DecodeRequest\x1a\x18.distserve.v1.TokenChunk0\x01\x12\x43\n\x08Generate\x12\x1b.distserve.v1.EngineRequest\x1a\x18.distserve.v1.TokenChunk0\x01\x12@\n\x05\x41\x62ort\x12\x1a.distserve.v1.AbortRequest\x1a\x1b.distserve.v1.AbortResponse\x12\x43\n\x08GetStats\x12\x1a.distserve.v1.StatsRequest\x1a\x1b.distserve.v1.InstanceStats\x12\x43\n\x06PullKV\x12\x1b.distserve.v1.PullKVRequest\x1a\x1c.distserve.v1.PullKVResponse\x12L\n\tReleaseKV\x12\x1e.distserve.v1.ReleaseKVRequest\x1a\x1f.distserve.v1.ReleaseKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64istserve/v1/instance.proto\x12\x0c\x64istserve.v1\x1a\x1d\x64istserve/v1/generation.proto\"x\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\x89\x02\n\x12InstanceDescriptor\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.distserve.v1.KVLayout\x12\x14\n\x0cglobal_ranks\x18\x05 \x03(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x18\n\x10transfer_backend\x18\t \x01(\t\x12\x10\n\x08world_id\x18\n \x01(\t\x12\x13\n\x0bmetrics_url\x18\x0b \x01(\t\"4\n\x10RegisterResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd6\x02\n\rInstanceStats\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x1a\n\x12num_waiting_tokens\x18\x04 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\r\x12\x19\n\x11num_leased_blocks\x18\x07 \x01(\r\x12\x1d\n\x15num_pending_transfers\x18\x08 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\t \x01(\x01\x12\x15\n\rrecent_tpot_s\x18\n \x01(\x01\x12\x1b\n\x13stored_block_hashes\x18\x0b \x03(\x04\x12\x1c\n\x14\x65victed_block_hashes\x18\x0c \x03(\x04\x12\x12\n\nreport_seq\x18\r \x01(\x04\"\x1a\n\tReportAck\x12\r\n\x05known\x18\x01 \x01(\x08\"\x16\n\x14ListInstancesRequest\"\x8e\x01\n\x0cInstanceInfo\x12\x34\n\ndescriptor\x18\x01 \x01(\x0b\x32 .distserve.v1.InstanceDescriptor\x12*\n\x05stats\x18\x02 \x01(\x0b\x32\x1b.distserve.v1.InstanceStats\x12\x1c\n\x14seconds_since_report\x18\x03 \x01(\x01\"=\n\x0cInstanceList\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.distserve.v1.InstanceInfo\"\x81\x01\n\rEngineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.distserve.v1.SamplingOptions\"\xa8\x01\n\x08KVHandle\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x11\n\tsrc_ranks\x18\x06 \x03(\r\x12&\n\x06layout\x18\x07 \x01(\x0b\x32\x16.distserve.v1.KVLayout\"\x93\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\"\n\x02kv\x18\x05 \x01(\x0b\x32\x16.distserve.v1.KVHandle\"y\n\rDecodeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.distserve.v1.EngineRequest\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\"\n\x02kv\x18\x03 \x01(\x0b\x32\x16.distserve.v1.KVHandle\"\x91\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x06 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"w\n\rPullKVRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_no\x18\x02 \x01(\x04\x12\x1a\n\x12\x64\x65\x63ode_instance_id\x18\x03 \x01(\t\x12\x11\n\tdst_ranks\x18\x04 \x03(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\"\x10\n\x0ePullKVResponse\"\'\n\x10ReleaseKVRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\"\n\x11ReleaseKVResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe9\x01\n\x08Registry\x12L\n\x08Register\x12 .distserve.v1.InstanceDescriptor\x1a\x1e.distserve.v1.RegisterResponse\x12>\n\x06Report\x12\x1b.distserve.v1.InstanceStats\x1a\x17.distserve.v1.ReportAck\x12O\n\rListInstances\x12\".distserve.v1.ListInstancesRequest\x1a\x1a.distserve.v1.InstanceList2\xf3\x03\n\x08Instance\x12\x45\n\x07Prefill\x12\x1b.distserve.v1.EngineRequest\x1a\x1d.distserve.v1.PrefillResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1b.distserve.v1.DecodeRequest\x1a\x18.distserve.v1.TokenChunk0\x01\x12\x43\n\x08Generate\x12\x1b.distserve.v1.EngineRequest\x1a\x18.distserve.v1.TokenChunk0\x01\x12@\n\x05\x41\x62ort\x12\x1a.distserve.v1.AbortRequest\x1a\x1b.distserve.v1.AbortResponse\x12\x43\n\x08GetStats\x12\x1a.distserve.v1.StatsRequest\x1a\x1b.distserve.v1.InstanceStats\x12\x43\n\x06PullKV\x12\x1b.distserve.v1.PullKVRequest\x1a\x1c.distserve.v1.PullKVResponse\x12L\n\tReleaseKV\x12\x1e.distserve.v1.ReleaseKVRequest\x1a\x1f.distserve.v1.ReleaseKVResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,45 +36,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_start=76
   _globals['_KVLAYOUT']._serialized_end=196
   _globals['_INSTANCEDESCRIPTOR']._serialized_start=199
-  _globals['_INSTANCEDESCRIPTOR']._serialized_end=443
-  _globals['_REGISTERRESPONSE']._serialized_start=445
-  _globals['_REGISTERRESPONSE']._serialized_end=497
-  _globals['_INSTANCESTATS']._serialized_start=500
-  _globals['_INSTANCESTATS']._serialized_end=842
-  _globals['_REPORTACK']._serialized_start=844
-  _globals['_REPORTACK']._serialized_end=870
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=872
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=894
-  _globals['_INSTANCEINFO']._serialized_start=897
-  _globals['_INSTANCEINFO']._serialized_end=1039
-  _globals['_INSTANCELIST']._serialized_start=1041
-  _globals['_INSTANCELIST']._serialized_end=1102
-  _globals['_ENGINEREQUEST']._serialized_start=1105
-  _globals['_ENGINEREQUEST']._serialized_end=1234
-  _globals['_KVHANDLE']._serialized_start=1237
-  _globals['_KVHANDLE']._serialized_end=1405
-  _globals['_PREFILLRESPONSE']._serialized_start=1408
-  _globals['_PREFILLRESPONSE']._serialized_end=1555
-  _globals['_DECODEREQUEST']._serialized_start=1557
-  _globals['_DECODEREQUEST']._serialized_end=1678
-  _globals['_TOKENCHUNK']._serialized_start=1681
-  _globals['_TOKENCHUNK']._serialized_end=1826
-  _globals['_ABORTREQUEST']._serialized_start=1828
-  _globals['_ABORTREQUEST']._serialized_end=1862
-  _globals['_ABORTRESPONSE']._serialized_start=1864
-  _globals['_ABORTRESPONSE']._serialized_end=1894
-  _globals['_STATSREQUEST']._serialized_start=1896
-  _globals['_STATSREQUEST']._serialized_end=1910
-  _globals['_PULLKVREQUEST']._serialized_start=1912
-  _globals['_PULLKVREQUEST']._serialized_end=2031
-  _globals['_PULLKVRESPONSE']._serialized_start=2033
-  _globals['_PULLKVRESPONSE']._serialized_end=2049
-  _globals['_RELEASEKVREQUEST']._serialized_start=2051
-  _globals['_RELEASEKVREQUEST']._serialized_end=2090
-  _globals['_RELEASEKVRESPONSE']._serialized_start=2092
-  _globals['_RELEASEKVRESPONSE']._serialized_end=2126
-  _globals['_REGISTRY']._serialized_start=2129
-  _globals['_REGISTRY']._serialized_end=2362
-  _globals['_INSTANCE']._serialized_start=2365
-  _globals['_INSTANCE']._serialized_end=2864
+  _globals['_INSTANCEDESCRIPTOR']._serialized_end=464
+  _globals['_REGISTERRESPONSE']._serialized_start=466
+  _globals['_REGISTERRESPONSE']._serialized_end=518
+  _globals['_INSTANCESTATS']._serialized_start=521
+  _globals['_INSTANCESTATS']._serialized_end=863
+  _globals['_REPORTACK']._serialized_start=865
+  _globals['_REPORTACK']._serialized_end=891
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=893
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=915
+  _globals['_INSTANCEINFO']._serialized_start=918
+  _globals['_INSTANCEINFO']._serialized_end=1060
+  _globals['_INSTANCELIST']._serialized_start=1062
+  _globals['_INSTANCELIST']._serialized_end=1123
+  _globals['_ENGINEREQUEST']._serialized_start=1126
+  _globals['_ENGINEREQUEST']._serialized_end=1255
+  _globals['_KVHANDLE']._serialized_start=1258
+  _globals['_KVHANDLE']._serialized_end=1426
+  _globals['_PREFILLRESPONSE']._serialized_start=1429
+  _globals['_PREFILLRESPONSE']._serialized_end=1576
+  _globals['_DECODEREQUEST']._serialized_start=1578
+  _globals['_DECODEREQUEST']._serialized_end=1699
+  _globals['_TOKENCHUNK']._serialized_start=1702
+  _globals['_TOKENCHUNK']._serialized_end=1847
+  _globals['_ABORTREQUEST']._serialized_start=1849
+  _globals['_ABORTREQUEST']._serialized_end=1883
+  _globals['_ABORTRESPONSE']._serialized_start=1885
+  _globals['_ABORTRESPONSE']._serialized_end=1915
+  _globals['_STATSREQUEST']._serialized_start=1917
+  _globals['_STATSREQUEST']._serialized_end=1931
+  _globals['_PULLKVREQUEST']._serialized_start=1933
+  _globals['_PULLKVREQUEST']._serialized_end=2052
+  _globals['_PULLKVRESPONSE']._serialized_start=2054
+  _globals['_PULLKVRESPONSE']._serialized_end=2070
+  _globals['_RELEASEKVREQUEST']._serialized_start=2072
+  _globals['_RELEASEKVREQUEST']._serialized_end=2111
+  _globals['_RELEASEKVRESPONSE']._serialized_start=2113
+  _globals['_RELEASEKVRESPONSE']._serialized_end=2147
+  _globals['_REGISTRY']._serialized_start=2150
+  _globals['_REGISTRY']._serialized_end=2383
+  _globals['_INSTANCE']._serialized_start=2386
+  _globals['_INSTANCE']._serialized_end=2885
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class KVLayout(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class InstanceDescriptor(_message.Message):
-    __slots__ = ("instance_id", "role", "address", "layout", "global_ranks", "num_kv_blocks", "max_model_len", "vocab_size", "transfer_backend", "world_id")
+    __slots__ = ("instance_id", "role", "address", "layout", "global_ranks", "num_kv_blocks", "max_model_len", "vocab_size", "transfer_backend", "world_id", "metrics_url")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class InstanceDescriptor(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_BACKEND_FIELD_NUMBER: _ClassVar[int]
     WORLD_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     address: str
@@ -45,7 +46,8 @@ class InstanceDescriptor(_message.Message):
     vocab_size: int
     transfer_backend: str
     world_id: str
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., global_ranks: _Optional[_Iterable[int]] = ..., num_kv_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., transfer_backend: _Optional[str] = ..., world_id: _Optional[str] = ...) -> None: ...
+    metrics_url: str
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., global_ranks: _Optional[_Iterable[int]] = ..., num_kv_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., transfer_backend: _Optional[str] = ..., world_id: _Optional[str] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("accepted", "reason")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +151,9 @@ class LLMEngine:
         self._transfer_ops: list[TransferOp] = []
         self._transfers: dict[str, _TransferTally] = {}
         self._transfer_results: list[InstanceTransferResult] = []
+        self.on_request_done: Callable[[Request], None] | None = (
+            None  # metrics hook: finished or prefilled
+        )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
@@ -349,6 +352,10 @@ class LLMEngine:
                 req.finished_s = now
                 finish_reason = req.status.value
                 self.requests.pop(req.request_id, None)
+            if self.on_request_done is not None and (
+                req.is_finished or req.status is RequestStatus.PREFILLED
+            ):
+                self.on_request_done(req)
             outputs.append(
                 EngineOutput(
                     req.request_id,

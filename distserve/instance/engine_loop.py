@@ -44,9 +44,16 @@ class StreamItem:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, role: Any, aio_loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        role: Any,
+        aio_loop: asyncio.AbstractEventLoop,
+        on_transfers: Callable[[list], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.role = role  # a distserve.instance.roles.RoleHandler
+        self._on_transfers = on_transfers  # observes every finished transfer (metrics)
         self._aio = aio_loop
         self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = (
             queue.SimpleQueue()
@@ -104,7 +111,10 @@ class EngineLoop:
                 outputs = self.engine.step()
                 self.last_step_s = time.monotonic() - start
                 self.role.on_outputs(outputs)
-                self.role.on_transfer_results(self.engine.drain_transfer_results())
+                transfers = self.engine.drain_transfer_results()
+                if transfers and self._on_transfers is not None:
+                    self._on_transfers(transfers)
+                self.role.on_transfer_results(transfers)
         except BaseException as exc:  # the loop must never die silently
             logger.exception("engine loop failed")
             self.error = exc

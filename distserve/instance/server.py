@@ -15,17 +15,21 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from distserve._proto import instance_pb2, instance_pb2_grpc
-from distserve.engine.llm_engine import LLMEngine
+from distserve.engine.llm_engine import InstanceTransferResult, LLMEngine
+from distserve.engine.request import Request
 from distserve.engine.role_schedulers import PrefillScheduler
 from distserve.instance.engine_loop import EngineLoop
 from distserve.instance.roles import DecodeRole, PrefillRole, PullInfo, RoleHandler
 from distserve.instance.servicer import InstanceServicer
 from distserve.protocol import layout_to_proto, model_fingerprint
+from distserve.router.metrics import InstanceMetrics
 from distserve.transfer import TransferDescriptor
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,12 @@ class InstanceRuntime:
         self.address = ""
         self.server: grpc.aio.Server | None = None
         self.loop: EngineLoop | None = None
+        self.metrics = InstanceMetrics(
+            options.instance_id, options.role, Path(engine.config.model).name
+        )
+        self.metrics_url = ""
+        self._metrics_server: Any = None
+        engine.on_request_done = self._observe_request
 
     def _make_role(self) -> RoleHandler:
         o = self.options
@@ -80,7 +90,9 @@ class InstanceRuntime:
         aio = asyncio.get_running_loop()
         self._aio = aio
         role = self._make_role()
-        self.loop = EngineLoop(self.engine, role, aio)
+        self.loop = EngineLoop(self.engine, role, aio, on_transfers=self._observe_transfers)
+        self._metrics_server, _ = self.metrics.start_http_server(0, addr=self.options.host)
+        self.metrics_url = f"http://{self.options.host}:{self._metrics_server.server_port}/metrics"
         role.attach(self.loop)
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
@@ -116,6 +128,8 @@ class InstanceRuntime:
             self.loop.stop()
         for channel in self._channels.values():
             await channel.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self.engine.shutdown()
 
     # ---- registration and heartbeats -----------------------------------------------------
@@ -132,6 +146,7 @@ class InstanceRuntime:
             vocab_size=self.engine.model_config.vocab_size,
             transfer_backend=o.transfer_backend,
             world_id=o.world_id,
+            metrics_url=self.metrics_url,
         )
 
     async def register(self) -> None:
@@ -174,6 +189,7 @@ class InstanceRuntime:
         waiting = list(sched.waiting) + list(getattr(sched, "awaiting_kv", ()))
         events = kv.drain_events()
         self._report_seq += 1
+        self.metrics.set_load(len(waiting), len(sched.running), kv.usage, kv.pool.stats.hit_rate)
         return instance_pb2.InstanceStats(
             instance_id=self.options.instance_id,
             num_running=len(sched.running),
@@ -189,6 +205,31 @@ class InstanceRuntime:
             evicted_block_hashes=events.evicted,
             report_seq=self._report_seq,
         )
+
+    # ---- metrics (engine thread) ---------------------------------------------------------
+    def _observe_request(self, req: Request) -> None:
+        first, done = req.first_token_s, req.finished_s
+        ttft = first - req.arrival_s if first is not None else None
+        n = req.num_output_tokens
+        tpot = (
+            (done - first) / (n - 1) if done is not None and first is not None and n > 1 else None
+        )
+        end = done if done is not None else (first or req.arrival_s)
+        self.metrics.observe_request(
+            ttft,
+            tpot,
+            end - req.arrival_s,
+            finish_reason=req.status.value,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_completion_tokens=n,
+            num_cached_tokens=req.num_cached_tokens,
+        )
+
+    def _observe_transfers(self, results: list[InstanceTransferResult]) -> None:
+        direction = "send" if self.options.role == "prefill" else "recv"
+        for result in results:
+            if result.ok:
+                self.metrics.observe_transfer(result.num_bytes, result.elapsed_s, direction)
 
     # ---- KV pulls (decode side) ----------------------------------------------------------
     def _channel(self, address: str | None) -> grpc.aio.Channel:

@@ -14,6 +14,7 @@ which aborts the request on that instance, and releases a KV lease nobody will p
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -147,13 +148,49 @@ class RouterCore:
         )
         run = _Run(self, rid, route, engine_request, detok, len(ids))
         stream = run.colocated() if self._mode() == "colocated" else run.disaggregated()
+        finish_reason = None
         try:
             async for chunk in stream:
+                run.token_times.extend([time.monotonic()] * bool(chunk.token_ids))
+                finish_reason = chunk.finish_reason or finish_reason
                 yield chunk
+        except InvalidRequestError:
+            self._count_error("invalid")
+            raise
+        except ServiceError:
+            self._count_error("unavailable")
+            raise
         finally:
             await stream.aclose()
             if run.routed:
                 self.policy.on_finished(rid, time.monotonic())
+            self._observe(run, finish_reason or "abort")
+
+    def _count_error(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_error(kind)
+
+    def _observe(self, run: _Run, finish_reason: str) -> None:
+        if self.metrics is None:
+            return
+        times = run.token_times
+        if run.prefill_id:
+            self.metrics.count_route(self.policy.name, run.prefill_id)
+        if run.decode_id and run.decode_id != run.prefill_id:
+            self.metrics.count_route(self.policy.name, run.decode_id)
+        if run.transfer_s is not None:
+            self.metrics.observe_transfer(run.transfer_bytes, run.transfer_s)
+        n = run.usage.completion_tokens
+        self.metrics.observe_request(
+            times[0] - run.start_s if times else None,
+            (times[-1] - times[0]) / (n - 1) if times and n > 1 else None,
+            time.monotonic() - run.start_s,
+            [b - a for a, b in itertools.pairwise(times)],
+            finish_reason,
+            num_prompt_tokens=run.usage.prompt_tokens,
+            num_completion_tokens=n,
+            num_cached_tokens=run.usage.cached_tokens,
+        )
 
 
 class _Run:
@@ -177,6 +214,10 @@ class _Run:
         self.routed = False
         self.prefill_id = ""
         self.decode_id = ""
+        self.start_s = time.monotonic()
+        self.token_times: list[float] = []  # arrival of each chunk that carried tokens
+        self.transfer_s: float | None = None  # the decode instance's KV pull time
+        self.transfer_bytes = 0
 
     def _chunk(
         self, token_ids: list[int], final: bool, finish_reason: str | None
@@ -285,6 +326,8 @@ class _Run:
             async for msg in call:
                 if msg.num_cached_tokens:
                     self.usage.cached_tokens = msg.num_cached_tokens
+                if msg.transfer_bytes:
+                    self.transfer_s, self.transfer_bytes = msg.transfer_s, msg.transfer_bytes
                 if not msg.token_ids and not msg.finish_reason:
                     continue
                 chunk, _ = self._chunk(list(msg.token_ids), False, msg.finish_reason or None)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -64,7 +65,9 @@ class InstanceRegistry:
         policy: RoutingPolicy,
         instance_timeout_s: float = 10.0,
         on_change: Callable[[], None] | None = None,
+        metrics: Any = None,
     ) -> None:
+        self.metrics = metrics  # a RouterMetrics: per-instance load gauges
         self.model_fingerprint = model_fingerprint
         self.policy = policy
         self.instance_timeout_s = instance_timeout_s
@@ -136,6 +139,19 @@ class InstanceRegistry:
             return False
         record.stats = stats
         record.last_seen_s = time.monotonic()
+        if self.metrics is not None:
+            usage = (
+                1 - stats.num_free_blocks / stats.num_total_blocks
+                if stats.num_total_blocks
+                else 0.0
+            )
+            self.metrics.set_instance_load(
+                stats.instance_id,
+                stats.num_waiting,
+                stats.num_running,
+                usage,
+                stats.prefix_hit_rate,
+            )
         now = time.monotonic()
         if stats.stored_block_hashes:
             self.policy.on_blocks_stored(stats.instance_id, list(stats.stored_block_hashes), now)
@@ -148,6 +164,8 @@ class InstanceRegistry:
         if record is None:
             return
         logger.warning("instance %s removed: %s", instance_id, why)
+        if self.metrics is not None:
+            self.metrics.remove_instance(instance_id)
         self.policy.remove_instance(instance_id)
         self._close_later(record.channel)
         self._notify()

@@ -38,10 +38,10 @@ def build_core(config: ClusterConfig) -> tuple[RouterCore, RouterMetrics]:
     model_config = ModelConfig.from_pretrained(config.model)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     policy = make_policy(config.router.policy, **config.router.policy_options)
-    registry = InstanceRegistry(
-        model_fingerprint(config.model), policy, config.router.instance_timeout_s
-    )
     metrics = RouterMetrics(config.model_name)
+    registry = InstanceRegistry(
+        model_fingerprint(config.model), policy, config.router.instance_timeout_s, metrics=metrics
+    )
     core = RouterCore(
         model_name=config.model_name,
         tokenizer=tokenizer,

@@ -163,3 +163,27 @@ def test_cancel_mid_decode_and_mid_transfer_frees_every_block(cluster):
     assert seen and all(free == total == NUM_KV_BLOCKS for free, total in seen.values()), seen
     tokens, _ = _generate(cluster.grpc_address, [7, 8, 9])  # the cluster still serves
     assert len(tokens) == NEW_TOKENS
+
+
+def test_every_instance_serves_prometheus_metrics_that_move(cluster):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _generate(cluster.grpc_address, list(range(30, 90)))
+
+    def samples(url: str) -> dict[tuple[str, tuple], float]:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    by_id = {i.descriptor.instance_id: i.descriptor.metrics_url for i in list_instances(cluster.grpc_address)}
+    prefill, decode = samples(by_id["prefill-0"]), samples(by_id["decode-0"])
+    assert prefill[("distserve_kv_transfer_bytes_total", (("direction", "send"),))] > 0
+    assert decode[("distserve_kv_transfer_bytes_total", (("direction", "recv"),))] > 0
+    assert any(name == "vllm:kv_cache_usage_perc" for name, _ in decode)
+    router = samples(f"{cluster.http_url}/metrics")
+    assert router[("distserve_kv_transfer_bytes_total", ())] > 0
