@@ -376,15 +376,21 @@ def fairness_mix(
     light_prefix_len: int = 1536,
     light_suffix_len: int = 64,
     output_len: int = 32,
+    heavy_request_share: float | None = None,
     block_size: int = 32,
     seed: int = 0,
     arrival_cv: float = 1.0,
 ) -> list[WorkloadRequest]:
     """One ``heavy`` client with long uncached prompts against ``light-k`` clients whose short
-    suffixes follow a cached per-client prefix; every client sends an equal share of requests."""
+    suffixes follow a cached per-client prefix. The heavy client sends ``heavy_request_share``
+    of the requests (default: an equal share), the light clients split the rest evenly."""
     n_clients = num_light_clients + 1
+    heavy = 1.0 / n_clients if heavy_request_share is None else heavy_request_share
+    if not 0.0 <= heavy <= 1.0:
+        raise ValueError(f"heavy_request_share must be in [0, 1], got {heavy_request_share}")
     rng = np.random.default_rng(seed)
-    client_of = rng.integers(0, n_clients, size=num_requests)  # 0 = heavy, k = light-k
+    p = [heavy] + [(1.0 - heavy) / num_light_clients] * num_light_clients
+    client_of = rng.choice(n_clients, size=num_requests, p=p)  # 0 = heavy, k = light-k
     prefix_blocks = [0] + [max(1, light_prefix_len // block_size)] * num_light_clients
     suffix = [heavy_input_len if c == 0 else light_suffix_len for c in client_of.tolist()]
     return _grouped(

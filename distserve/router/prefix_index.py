@@ -20,17 +20,20 @@ the engine's prefix cache does.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 
-@dataclass
 class _Entry:
-    parent: int | None  # hash of the previous block; None when only known from events
-    holders: dict[str, float] = field(default_factory=dict)  # instance -> last access (s)
-    num_children: int = 0  # entries whose parent is this hash
-    request_times: deque[float] = field(default_factory=deque)  # recent requests through it
+    """One block hash of the trie (slots: there may be millions)."""
+
+    __slots__ = ("holders", "num_children", "parent", "request_times")
+
+    def __init__(self, parent: int | None) -> None:
+        self.parent = parent  # hash of the previous block; None when only known from events
+        self.holders: dict[str, float] = {}  # instance -> last access (s)
+        self.num_children = 0  # entries whose parent is this hash
+        self.request_times: deque[float] | None = None  # recent requests through it, if counted
 
 
 class PrefixIndex:
@@ -41,18 +44,18 @@ class PrefixIndex:
             raise ValueError(f"window_s must be positive, got {window_s}")
         self.window_s = window_s
         self._entries: dict[int, _Entry] = {}
-        self._by_instance: dict[str, dict[int, None]] = {}  # insertion order = LRU, oldest first
+        self._by_instance: dict[str, OrderedDict[int, None]] = {}  # LRU order, oldest first
         self._capacity: dict[str, int | None] = {}
 
     # ---- instances -------------------------------------------------------------------------
     def add_instance(self, instance_id: str, capacity_blocks: int | None = None) -> None:
         """Track ``instance_id``; router claims beyond ``capacity_blocks`` drop its LRU blocks."""
-        self._by_instance.setdefault(instance_id, {})
+        self._by_instance.setdefault(instance_id, OrderedDict())
         self._capacity[instance_id] = capacity_blocks
 
     def remove_instance(self, instance_id: str) -> int:
         """Forget an instance and everything it held; returns the number of blocks dropped."""
-        held = self._by_instance.pop(instance_id, {})
+        held = self._by_instance.pop(instance_id, OrderedDict())
         self._capacity.pop(instance_id, None)
         for h in held:
             self._drop_holder(h, instance_id)
@@ -80,6 +83,8 @@ class PrefixIndex:
         for h in hashes:
             entry = self._entries.get(h)
             if entry is not None:
+                if entry.request_times is None:
+                    entry.request_times = deque()
                 entry.request_times.append(now_s)
 
     def blocks_stored(self, instance_id: str, hashes: Sequence[int], now_s: float = 0.0) -> None:
@@ -138,7 +143,7 @@ class PrefixIndex:
     def num_requests(self, h: int, now_s: float) -> int:
         """Requests through block ``h`` in the last ``window_s`` seconds."""
         entry = self._entries.get(h)
-        if entry is None:
+        if entry is None or entry.request_times is None:
             return 0
         times, horizon = entry.request_times, now_s - self.window_s
         while times and times[0] < horizon:
@@ -171,13 +176,14 @@ class PrefixIndex:
             if entry is None:
                 entry = self._entries[h] = _Entry(parent=None)
             entry.holders[instance_id] = now_s
-            held.pop(h, None)
-            held[h] = None
+            if h in held:
+                held.move_to_end(h)
+            else:
+                held[h] = None
         capacity = self._capacity.get(instance_id)
         if capacity is not None:
             while len(held) > capacity:
-                oldest = next(iter(held))
-                del held[oldest]
+                oldest, _ = held.popitem(last=False)
                 self._drop_holder(oldest, instance_id)
 
     def _drop_holder(self, h: int, instance_id: str) -> None:

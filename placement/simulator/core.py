@@ -61,6 +61,7 @@ class _Sim:
         self.done: list[SimRequest] = []
         self.rejected: list[str] = []
         self.decision_s: list[float] = []
+        self.min_capacity = min(i.pool.capacity_blocks for i in self.instances.values())
         for inst in self.instances.values():
             policy.add_instance(inst.instance_id, inst.role, inst.pool.capacity_blocks)
 
@@ -93,7 +94,9 @@ class _Sim:
 
     # ---- handlers --------------------------------------------------------------------------
     def arrive(self, r: SimRequest, now: float) -> None:
-        fronts = [i for i in self.front if i.blocks_needed(r) <= i.pool.capacity_blocks]
+        fronts = self.front
+        if r.num_total_blocks > self.min_capacity:  # some instance may be too small for it
+            fronts = [i for i in self.front if i.blocks_needed(r) <= i.pool.capacity_blocks]
         if not fronts or (self.back and not any(self._fits_back(i, r) for i in self.back)):
             self.rejected.append(r.w.request_id)
             return
@@ -131,7 +134,10 @@ class _Sim:
                 self.flush(inst, now)
                 self.finish(r, now)
                 continue
-            loads = [i.snapshot() for i in self.back if self._fits_back(i, r)]
+            backs = self.back
+            if r.num_total_blocks > self.min_capacity:
+                backs = [i for i in self.back if self._fits_back(i, r)]
+            loads = [i.snapshot() for i in backs]
             decode = self.instances[self.call("choose_decode", r.route, loads, now)]
             decode.enqueue_decode(r)
             self.admit_decode(decode, now)

@@ -90,8 +90,8 @@ class SimInstance:
         return self._snapshot
 
     def blocks_needed(self, r: SimRequest) -> int:
-        extra = r.output_len if self.role != "prefill" else 0
-        return -(-(r.prompt_len + extra) // self.block_size)
+        """Blocks ``r`` holds here: its prompt on a prefill instance, prompt + output otherwise."""
+        return r.num_prompt_blocks if self.role == "prefill" else r.num_total_blocks
 
     # ---- prefill side ----------------------------------------------------------------------
     def enqueue_prefill(self, r: SimRequest) -> None:

@@ -27,6 +27,8 @@ class SimRequest:
         "num_cached_blocks",
         "num_cached_tokens",
         "num_computed",
+        "num_prompt_blocks",
+        "num_total_blocks",
         "num_scheduled",
         "prefill_admit_s",
         "prefill_id",
@@ -39,6 +41,8 @@ class SimRequest:
         self.w = w
         self.route = route
         self.hashes = route.block_hashes
+        self.num_prompt_blocks = -(-w.input_len // w.block_size)
+        self.num_total_blocks = -(-(w.input_len + w.output_len) // w.block_size)  # prompt + output
         self.prefill_id = ""
         self.decode_id = ""
         self.num_cached_blocks = 0
@@ -58,10 +62,6 @@ class SimRequest:
     @property
     def output_len(self) -> int:
         return self.w.output_len
-
-    @property
-    def num_prompt_blocks(self) -> int:
-        return -(-self.w.input_len // self.w.block_size)
 
     def record(self) -> RequestRecord:
         w = self.w

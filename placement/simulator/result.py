@@ -78,9 +78,12 @@ class SimResult:
         mean = float(np.mean(busy)) if busy else 0.0
         return max(busy) / mean if mean > 0 else 1.0
 
-    def fairness(self, w_out: float = 2.0, num_samples: int = 200) -> Fairness:
+    def fairness(
+        self, w_out: float = 2.0, num_samples: int = 200, uncached_only: bool = False
+    ) -> Fairness:
         """Service fairness while all clients send: from the last client's first arrival to the
-        first client's last arrival (a proxy for 'continuously backlogged' under overload)."""
+        first client's last arrival (a proxy for 'continuously backlogged' under overload).
+        ``uncached_only`` counts only uncached input tokens (what DLPM charges) instead of all."""
         by_client: dict[str, list[RequestRecord]] = {}
         for r in self.records:
             by_client.setdefault(r.client_id, []).append(r)
@@ -90,7 +93,7 @@ class SimResult:
         if n < 2 or t1 <= t0:
             return Fairness(0.0, 0.0, 0.0, 1.0, n)
         times = np.linspace(t0, t1, num_samples)
-        service = np.stack([_service(rs, times, w_out) for rs in by_client.values()])
+        service = np.stack([_service(rs, times, w_out, uncached_only) for rs in by_client.values()])
         service -= service[:, :1]
         gap = float((service.max(axis=0) - service.min(axis=0)).max())
         k = max(1, num_samples // 10)
@@ -125,12 +128,16 @@ class SimResult:
         return out
 
 
-def _service(records: list[RequestRecord], times: np.ndarray, w_out: float) -> np.ndarray:
+def _service(
+    records: list[RequestRecord], times: np.ndarray, w_out: float, uncached_only: bool
+) -> np.ndarray:
     """Cumulative service of one client at ``times``: its input when its first token is out,
     then its output tokens at an even pace until it finishes."""
     first = np.array([r.first_token_s for r in records])[:, None]
     finish = np.array([r.finish_s for r in records])[:, None]
-    n_in = np.array([r.input_len for r in records], dtype=float)[:, None]
+    n_in = np.array(
+        [r.input_len - (r.num_cached_tokens if uncached_only else 0) for r in records], dtype=float
+    )[:, None]
     n_out = np.array([r.output_len for r in records], dtype=float)[:, None]
     started = times[None, :] >= first
     span = np.maximum(finish - first, 1e-12)

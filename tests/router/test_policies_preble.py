@@ -63,35 +63,39 @@ def _route(
     assert policy.choose_prefill(req(rid, hashes, n), [to], 0.0) == to.instance_id
 
 
-def _loads_six_to(policy: PreblePolicy, b_tokens: int) -> None:
-    """a: a hot one-block node h (2 requests, cost 1) plus 5 cold blocks = 6; b: b_tokens / 16."""
-    _route(policy, "h1", [1], A)
-    _route(policy, "h2", [1], A)  # exploit, a hit: costs nothing, makes h hot
-    _route(policy, "u", [11, 12, 13, 14, 15], A)
-    _route(policy, "v", [21, 22, 23, 24, 25], B, n=b_tokens)
+def _hot_loads(policy: PreblePolicy, b_tokens: int) -> None:
+    """Hot-node loads (what rebalancing compares): a = h (cost 1) + g (cost 5) = 6, plus a cold
+    node that does not count; b = one hot node k of b_tokens / 16."""
+    for rid, hashes in [("h1", [1]), ("h2", [1]), ("g1", [2, 3, 4, 5, 6]), ("g2", [2, 3, 4, 5, 6])]:
+        _route(policy, rid, hashes, A)  # the second request of each exploits: a hit, no cost
+    _route(policy, "u", [11, 12, 13], A)  # one request: not hot
+    _route(policy, "k1", [21, 22, 23, 24, 25], B, n=b_tokens)
+    _route(policy, "k2", [21, 22, 23, 24, 25], B, n=b_tokens)
 
 
 def test_rebalancing_triggers_at_one_and_a_half_times_the_lightest_load() -> None:
     policy = preble(warmup_requests_per_instance=0)
-    _loads_six_to(policy, b_tokens=4 * BS)  # b's prompt is 4 blocks of its 5 hashes' space
-    assert (policy.load_cost(A), policy.load_cost(B)) == (6.0, 4.0)
-    policy.rebalance([A, B], 0.0)  # 6 >= 1.5 × 4: move h (cost 1) since 5 >= 5 does not overshoot
-    assert (policy.load_cost(A), policy.load_cost(B)) == (5.0, 5.0)
-    assert set(policy.index.holders(1)) == {"b"}
+    _hot_loads(policy, b_tokens=4 * BS)
+    assert (policy.hot_load(A), policy.hot_load(B)) == (6.0, 4.0)
+    assert policy.load_cost(A) == 9.0  # routing sees every charge, rebalancing only hot nodes
+    # 6 >= 1.5 × 4: move the cheapest hot node h (5 >= 5 does not overshoot), not g
+    policy.rebalance([A, B], 0.0)
+    assert (policy.hot_load(A), policy.hot_load(B)) == (5.0, 5.0)
+    assert set(policy.index.holders(1)) == {"b"} and set(policy.index.holders(2)) == {"a"}
     assert policy.num_moves == 1
     policy.check_consistency()
 
 
 def test_rebalancing_stays_put_just_below_the_trigger() -> None:
     policy = preble(warmup_requests_per_instance=0)
-    _loads_six_to(policy, b_tokens=4 * BS + 1)  # 6 / 4.0625 < 1.5
+    _hot_loads(policy, b_tokens=4 * BS + 1)  # 6 / 4.0625 < 1.5
     policy.rebalance([A, B], 0.0)
     assert policy.num_moves == 0 and set(policy.index.holders(1)) == {"a"}
 
 
 def test_rebalancing_waits_for_the_warm_up() -> None:
-    policy = preble(warmup_requests_per_instance=3)  # 6 dispatches needed for 2 instances
-    _loads_six_to(policy, b_tokens=4 * BS)
+    policy = preble(warmup_requests_per_instance=4)  # 8 dispatches needed, 7 made
+    _hot_loads(policy, b_tokens=4 * BS)
     policy.rebalance([A, B], 0.0)
     assert policy.num_moves == 0
 
@@ -102,7 +106,7 @@ def _hot_prefix_with_ttfts(policy: PreblePolicy, ttfts: list[float]) -> None:
         policy.on_prefill_done(f"h{i}", float(i), ttft_s=ttft)
 
 
-def test_a_single_hot_prefix_whose_ttft_doubled_is_replicated_to_the_lightest() -> None:
+def test_the_busiest_instances_single_hot_prefix_is_replicated_when_its_ttft_doubled() -> None:
     policy = preble(warmup_requests_per_instance=0)
     _hot_prefix_with_ttfts(policy, [0.1, 0.1, 0.1, 0.25, 0.25, 0.25])
     policy.rebalance([A, B], 6.0)  # newer-half mean 0.25 >= 2 × older-half mean 0.1

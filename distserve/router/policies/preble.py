@@ -24,24 +24,50 @@ cost); for a prefill-only instance (disaggregation: our adaptation) the pending
 (skipping the request's own path) as an LRU eviction would and add, per evicted block,
 ``hits in the window × its marginal prefill time`` (hits = requests through it − 1).
 
-*Rebalancing* (after ``warmup_requests_per_instance × instances`` dispatches): while the busiest
-instance's load >= ``rebalance_ratio`` × the lightest's, move its cheapest hot nodes (>=
-``hot_min_requests`` requests in the window) to the lightest while that does not overshoot, then
-the next pair. Moving re-points the index (the lightest is recorded as holding the node's path,
-the busiest no longer holds the node) and moves the node's charges. If exactly one hot node exists
-and its mean TTFT over the newer half of the window is >= ``replicate_ttft_ratio`` × the older
-half's, it is **replicated** to the lightest instance (recorded as a holder; no KV is copied).
+*Rebalancing* (after ``warmup_requests_per_instance × instances`` dispatches), after every
+dispatch: the compared load of an instance is the cost of its *hot* nodes (>= ``hot_min_requests``
+requests in the window; cost = window charges + in-flight cost of the requests under the node
+there). While the heaviest instance's load is >= ``rebalance_ratio`` × the lightest's, its
+cheapest hot nodes move to the lightest as long as that does not overshoot, stopping once the
+gap is under the ratio; then the next heaviest against the (updated) lightest. Moving re-points
+the index (the lightest is recorded as holding the node's path, the heaviest no longer holds the
+node) and accounts the node's charges and in-flight cost to the lightest. When the heaviest has
+a single hot node, moving it would only move the overload: if that node's mean TTFT over the
+newer half of its window is >= ``replicate_ttft_ratio`` × the older half's, it is **replicated**
+to the lightest (recorded as a second holder; no KV is copied) and exploit then splits its
+requests by load. (ALGORITHMS.md says "only one hot prefix exists"; we read it per heaviest
+instance, as a released reimplementation of Preble does.)
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from distserve.router.policies.base import InstanceLoad, RouteRequest, register_policy
 from distserve.router.policies.preble_load import PrefillTimeModel, WindowedLoad
 from distserve.router.policies.prefix_aware import PrefixAwarePolicy
+
+
+class _NodeFlight:
+    """In-flight cost under one node, as rebalancing accounts it to one instance. A move re-keys
+    it (or merges it into the destination's, leaving a forward pointer) so requests that
+    finish later drain the account their cost was moved to."""
+
+    __slots__ = ("into", "key", "prefill_s", "tokens")
+
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        self.prefill_s = 0.0
+        self.tokens = 0
+        self.into: _NodeFlight | None = None
+
+    def resolve(self) -> _NodeFlight:
+        acc = self
+        while acc.into is not None:
+            acc = acc.into
+        return acc
 
 
 @dataclass
@@ -50,6 +76,7 @@ class _InFlight:
     prefill_s: float  # counted while the prefill is pending (prefill-only instances)
     output_tokens: int  # counted until finished (colocated instances)
     important_nodes: tuple[int, ...]
+    accounts: list[_NodeFlight] = field(default_factory=list)
     is_prefill_done: bool = False
 
 
@@ -82,6 +109,7 @@ class PreblePolicy(PrefixAwarePolicy):
         self._in_flight: dict[str, _InFlight] = {}
         self._prefill_s: dict[str, float] = {}  # instance -> pending prefill seconds
         self._output_tokens: dict[str, int] = {}  # instance -> expected output tokens in flight
+        self._node_flight: dict[tuple[str, int], _NodeFlight] = {}  # (instance, node) -> account
         self._node_path: dict[
             int, tuple[tuple[int, ...], int, int]
         ] = {}  # node -> (path, start, end)
@@ -125,14 +153,16 @@ class PreblePolicy(PrefixAwarePolicy):
         depth = self.index.deepest_present(hashes)
         matched = min(depth * bs, req.num_prompt_tokens)
         cached = self.index.match(hashes)
-        chosen: InstanceLoad | None = None
+        costs = [self.load_cost(i) for i in instances]
+        pos: int | None = None
         if matched > req.num_prompt_tokens - matched:
             holders = self.index.holders(hashes[depth - 1])
-            candidates = [i for i in instances if i.instance_id in holders]
+            candidates = [p for p, i in enumerate(instances) if i.instance_id in holders]
             if candidates:
-                chosen = min(candidates, key=self.load_cost)
-        if chosen is None:
-            chosen = self._explore(req, instances, cached, now_s)
+                pos = min(candidates, key=lambda p: costs[p])
+        if pos is None:
+            pos = self._explore(req, instances, costs, cached, now_s)
+        chosen = instances[pos]
         self._record(req, chosen, cached.get(chosen.instance_id, 0), now_s)
         self.rebalance(instances, now_s)
         return chosen.instance_id
@@ -141,29 +171,31 @@ class PreblePolicy(PrefixAwarePolicy):
         self,
         req: RouteRequest,
         instances: Sequence[InstanceLoad],
+        costs: list[float],
         cached: dict[str, int],
         now_s: float,
-    ) -> InstanceLoad:
+    ) -> int:
+        positions = range(len(instances))
         if self.explore_hit_ratio is not None:
+            threshold = self.explore_hit_ratio
             warm = [
-                i
-                for i in instances
-                if (self.load.hit_ratio(i.instance_id) or 0.0) >= self.explore_hit_ratio
+                p
+                for p in positions
+                if (self.load.hit_ratio(instances[p].instance_id) or 0.0) >= threshold
             ]
             if warm:
-                return min(warm, key=self.load_cost)
+                return min(warm, key=lambda p: costs[p])
         # lowest load + eviction cost; eviction cost >= 0, so stop once load alone cannot win
-        ranked = sorted(enumerate(instances), key=lambda p: (self.load_cost(p[1]), p[0]))
         best: tuple[float, int] | None = None
-        for pos, inst in ranked:
-            load = self.load_cost(inst)
-            if best is not None and load > best[0]:
+        for p in sorted(positions, key=lambda p: (costs[p], p)):
+            if best is not None and costs[p] > best[0]:
                 break
-            total = load + self.eviction_cost(inst, req, cached.get(inst.instance_id, 0), now_s)
-            if best is None or (total, pos) < best:
-                best = (total, pos)
+            inst = instances[p]
+            total = costs[p] + self.eviction_cost(inst, req, cached.get(inst.instance_id, 0), now_s)
+            if best is None or (total, p) < best:
+                best = (total, p)
         assert best is not None
-        return instances[best[1]]
+        return best[1]
 
     def _record(
         self, req: RouteRequest, inst: InstanceLoad, num_cached_blocks: int, now_s: float
@@ -201,6 +233,13 @@ class PreblePolicy(PrefixAwarePolicy):
             flight.prefill_s = self.prefill_time(n - cached_tokens, cached_tokens)
             self._prefill_s[iid] = self._prefill_s.get(iid, 0.0) + flight.prefill_s
         self._in_flight[req.request_id] = flight
+        for node in important:
+            acc = self._node_flight.get((iid, node))
+            if acc is None:
+                acc = self._node_flight[(iid, node)] = _NodeFlight((iid, node))
+            acc.prefill_s += flight.prefill_s
+            acc.tokens += flight.output_tokens
+            flight.accounts.append(acc)
         self._num_routed += 1
         if self._num_routed % 1024 == 0:  # forget nodes that left the window
             for node in [v for v in self._node_path if not self.load.num_requests(v)]:
@@ -211,45 +250,78 @@ class PreblePolicy(PrefixAwarePolicy):
     def rebalance(self, instances: Sequence[InstanceLoad], now_s: float) -> None:
         """Move or replicate hot prefixes (runs after every dispatch; callable directly)."""
         self._ensure_known(instances)
-        if (
-            self._num_routed < self.warmup_requests_per_instance * len(instances)
-            or len(instances) < 2
-        ):
+        if self._num_routed < self.warmup_requests_per_instance * len(instances):
             return
-        loads = {i.instance_id: self.load_cost(i) for i in instances}
-        order = sorted(loads, key=lambda iid: loads[iid])
-        lo, hi = 0, len(order) - 1
-        while lo < hi:
-            busy, light = order[hi], order[lo]
-            if loads[busy] <= 0 or loads[busy] < self.rebalance_ratio * loads[light]:
-                break
-            for cost, node in sorted(self.load.hot_nodes(busy)):
-                if cost <= 0:
-                    continue
-                if loads[busy] - cost < loads[light] + cost:
+        by_id = {i.instance_id: i for i in instances}
+        node_costs = {iid: self._hot_node_costs(inst) for iid, inst in by_id.items()}
+        loads = {iid: sum(c for c, _ in costs) for iid, costs in node_costs.items()}
+        heavy_first = sorted(loads, key=lambda iid: -loads[iid])
+        light = heavy_first[-1]
+        for heavy in heavy_first[:-1]:
+            if loads[heavy] <= 0 or loads[heavy] < self.rebalance_ratio * loads[light]:
+                return
+            hot = node_costs[heavy]
+            if len(hot) == 1:  # moving its only hot prefix would move the overload: replicate
+                cost, node = hot[0]
+                if self._maybe_replicate(node, light, now_s):
+                    loads[heavy] -= cost / 2
+                    loads[light] += cost / 2
+                continue
+            for cost, node in hot:  # cheapest first, without overshooting
+                if loads[heavy] - cost < loads[light] + cost:
                     break
-                self._move(node, busy, light, now_s)
-                loads[busy] -= cost
+                self._move(node, heavy, light, now_s)
+                loads[heavy] -= cost
                 loads[light] += cost
-            lo, hi = lo + 1, hi - 1
-        if self.load.num_hot_nodes == 1:
-            self._maybe_replicate(self.load.the_hot_node(), order[0], now_s)
+                if loads[heavy] < self.rebalance_ratio * loads[light]:
+                    break
+
+    def hot_load(self, inst: InstanceLoad) -> float:
+        """The load rebalancing compares: the costs of the instance's hot nodes only."""
+        return sum(c for c, _ in self._hot_node_costs(inst))
+
+    def _hot_node_costs(self, inst: InstanceLoad) -> list[tuple[float, int]]:
+        """``(cost, node)`` of the instance's hot nodes, cheapest first; cost = window charges +
+        in-flight cost of the requests under the node there."""
+        iid = inst.instance_id
+        return sorted(
+            (cost + self._node_flight_cost(iid, node, inst), node)
+            for cost, node in self.load.hot_nodes(iid)
+        )
+
+    def _node_flight_cost(self, iid: str, node: int, inst: InstanceLoad) -> float:
+        """In-flight cost of the requests under ``node`` on the instance (as in ``load_cost``)."""
+        acc = self._node_flight.get((iid, node))
+        if acc is None:
+            return 0.0
+        tpot = inst.recent_tpot_s if inst.recent_tpot_s is not None else self.default_tpot_s
+        return acc.prefill_s + acc.tokens * tpot
 
     def _move(self, node: int, src: str, dst: str, now_s: float) -> None:
         path, start, end = self._node_path[node]
         self.load.move(node, src, dst)
+        acc = self._node_flight.pop((src, node), None)
+        if acc is not None:  # the node's in-flight cost is accounted to dst from now on
+            target = self._node_flight.get((dst, node))
+            if target is None:
+                acc.key = (dst, node)
+                self._node_flight[acc.key] = acc
+            else:
+                target.prefill_s += acc.prefill_s
+                target.tokens += acc.tokens
+                acc.prefill_s, acc.tokens, acc.into = 0.0, 0, target
         self.index.blocks_evicted(src, path[start:end])
         self.index.insert(dst, path[:end], now_s)
         self.num_moves += 1
 
-    def _maybe_replicate(self, node: int | None, lightest: str, now_s: float) -> None:
-        samples = self._ttft.get(node) if node is not None else None
-        if node is None or not samples or lightest in self.index.holders(node):
-            return
+    def _maybe_replicate(self, node: int, lightest: str, now_s: float) -> bool:
+        samples = self._ttft.get(node)
+        if not samples or lightest in self.index.holders(node):
+            return False
         while samples and samples[0][0] < now_s - self.load.window_s:
             samples.popleft()
         if len(samples) < 2:
-            return
+            return False
         mid = (samples[0][0] + now_s) / 2
         older = [t for s, t in samples if s < mid]
         newer = [t for s, t in samples if s >= mid]
@@ -262,6 +334,8 @@ class PreblePolicy(PrefixAwarePolicy):
             self.index.insert(lightest, path[:end], now_s)
             samples.clear()
             self.num_replications += 1
+            return True
+        return False
 
     # ---- events ----------------------------------------------------------------------------
     def on_prefill_done(self, request_id: str, now_s: float, ttft_s: float | None = None) -> None:
@@ -270,6 +344,7 @@ class PreblePolicy(PrefixAwarePolicy):
             flight.is_prefill_done = True
             if flight.prefill_s:
                 self._prefill_s[flight.instance_id] -= flight.prefill_s
+                self._drain_nodes(flight, flight.prefill_s, 0)
                 flight.prefill_s = 0.0
             if ttft_s is not None:
                 for node in flight.important_nodes:
@@ -281,6 +356,15 @@ class PreblePolicy(PrefixAwarePolicy):
         flight = self._in_flight.pop(request_id, None)
         if flight is not None and flight.output_tokens:
             self._output_tokens[flight.instance_id] -= flight.output_tokens
+            self._drain_nodes(flight, 0.0, flight.output_tokens)
+
+    def _drain_nodes(self, flight: _InFlight, prefill_s: float, output_tokens: int) -> None:
+        for account in flight.accounts:
+            acc = account.resolve()
+            acc.prefill_s -= prefill_s
+            acc.tokens -= output_tokens
+            if acc.tokens <= 0 and acc.prefill_s <= 1e-12 and self._node_flight.get(acc.key) is acc:
+                del self._node_flight[acc.key]
 
     def check_consistency(self) -> None:
         super().check_consistency()

@@ -59,6 +59,7 @@ class WindowedLoad:
         self._total: dict[str, float] = {}
         self._node_requests: dict[int, int] = {}
         self._num_hot = 0
+        self._hot_on: dict[str, set[int]] = {}  # instance -> nodes with enough requests there
         self._seq = 0
         self._hits: deque[tuple[float, str, int, int]] = deque()
         self._hit_sums: dict[str, list[int]] = {}  # instance -> [cached tokens, prompt tokens]
@@ -68,7 +69,10 @@ class WindowedLoad:
         self._seq += 1
         c = _Charge(self._seq, now_s, instance_id, node, cost_s)
         self._charges.append(c)
-        self._buckets.setdefault(instance_id, {}).setdefault(node, deque()).append(c)
+        bucket = self._buckets.setdefault(instance_id, {}).setdefault(node, deque())
+        bucket.append(c)
+        if len(bucket) == self.hot_min_requests:
+            self._hot_on.setdefault(instance_id, set()).add(node)
         costs = self._bucket_cost.setdefault(instance_id, {})
         costs[node] = costs.get(node, 0.0) + cost_s
         self._total[instance_id] = self._total.get(instance_id, 0.0) + cost_s
@@ -90,6 +94,8 @@ class WindowedLoad:
             bucket = self._buckets[c.instance_id][c.node]
             assert bucket[0] is c, "charges leave their bucket in dispatch order"
             bucket.popleft()
+            if len(bucket) == self.hot_min_requests - 1:
+                self._hot_on[c.instance_id].discard(c.node)
             self._bucket_cost[c.instance_id][c.node] -= c.cost_s
             self._total[c.instance_id] -= c.cost_s
             if not bucket:
@@ -112,6 +118,9 @@ class WindowedLoad:
         dst_buckets = self._buckets.setdefault(dst, {})
         merged = sorted([*dst_buckets.get(node, ()), *bucket], key=lambda c: c.seq)
         dst_buckets[node] = deque(merged)
+        self._hot_on.get(src, set()).discard(node)
+        if len(merged) >= self.hot_min_requests:
+            self._hot_on.setdefault(dst, set()).add(node)
         dst_costs = self._bucket_cost.setdefault(dst, {})
         dst_costs[node] = dst_costs.get(node, 0.0) + cost
         self._total[src] -= cost
@@ -129,8 +138,8 @@ class WindowedLoad:
 
     def hot_nodes(self, instance_id: str) -> list[tuple[float, int]]:
         """``(cost, node)`` of nodes with >= ``hot_min_requests`` requests on the instance."""
-        buckets, costs = self._buckets.get(instance_id, {}), self._bucket_cost.get(instance_id, {})
-        return [(costs[n], n) for n, b in buckets.items() if len(b) >= self.hot_min_requests]
+        costs = self._bucket_cost.get(instance_id, {})
+        return [(costs[n], n) for n in self._hot_on.get(instance_id, ())]
 
     def num_requests(self, node: int) -> int:
         """Requests through ``node`` in the window, over all instances."""
@@ -140,12 +149,6 @@ class WindowedLoad:
     def num_hot_nodes(self) -> int:
         """Nodes with >= ``hot_min_requests`` requests in the window, over all instances."""
         return self._num_hot
-
-    def the_hot_node(self) -> int | None:
-        """The hot node when exactly one exists (O(nodes); call only when ``num_hot_nodes == 1``)."""
-        if self._num_hot != 1:
-            return None
-        return next(n for n, k in self._node_requests.items() if k >= self.hot_min_requests)
 
     def _count(self, node: int, delta: int) -> None:
         before = self._node_requests.get(node, 0)
@@ -168,3 +171,6 @@ class WindowedLoad:
             assert abs(total - totals.get(iid, 0.0)) < 1e-6, f"total of {iid} drifted"
         assert counts == self._node_requests, "node request counts drifted"
         assert self._num_hot == sum(k >= self.hot_min_requests for k in counts.values())
+        for iid, buckets in self._buckets.items():
+            hot = {n for n, b in buckets.items() if len(b) >= self.hot_min_requests}
+            assert hot == self._hot_on.get(iid, set()), f"hot nodes of {iid} drifted"
