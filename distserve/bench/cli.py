@@ -153,9 +153,9 @@ async def _run(args: argparse.Namespace, rates: list[float], extra_body: Any) ->
             warmup = prompts[: args.warmup_requests]
             await run_rate(backend, warmup, [0.0] * len(warmup), show_progress=False)
         results = []
-        for i, rate in enumerate(rates):
+        for rate in rates:  # one seed: each rate's gaps are the same draws, scaled by 1/rate
             is_trace = args.dataset.startswith("mooncake:")
-            times = arrival_times(prompts, rate, args.burstiness, args.seed + i, is_trace)
+            times = arrival_times(prompts, rate, args.burstiness, args.seed, is_trace)
             records, duration_s = await run_rate(
                 backend,
                 prompts,
@@ -213,7 +213,11 @@ def _report(args: argparse.Namespace, rates: list[float], results: list[RateResu
     if points:
         shown = f"{goodput.rate_per_s:.3f} req/s" if goodput.rate_per_s is not None else "none"
         print(f"goodput at {args.attainment:g} attainment: {shown} ({goodput.note})")
-    config = {k: v for k, v in vars(args).items() if not callable(v)}
+    config = {
+        k: v
+        for k, v in vars(args).items()
+        if not k.startswith("_") and isinstance(v, (str, int, float, bool, list, type(None)))
+    }
     config["rates"] = rates
     report = to_json(config, results, goodput)
     if args.out:

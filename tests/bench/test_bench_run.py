@@ -108,3 +108,16 @@ def test_bad_arguments_exit_2(http_server, capsys):
     assert "--tokenizer" in capsys.readouterr().err
     assert run_bench(parse("--endpoint", "grpc://127.0.0.1:1", "--num-prompts", "1")) == 2
     assert "unavailable" in capsys.readouterr().err
+
+
+def test_through_the_distserve_command(http_server, tmp_path):
+    from distserve.cli import main
+
+    url, _ = http_server
+    out = tmp_path / "cli.json"
+    argv = ["bench", "--endpoint", url, "--num-prompts", "2", "--input-len", "4",
+            "--output-len", "2", "--rate", "100", "--out", str(out), "--disable-tqdm"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["results"][0]["num_completed"] == 2
+    assert report["config"]["endpoint"] == url and "_runners" not in report["config"]

@@ -74,3 +74,10 @@ def test_unreachable_router_exits_3_naming_the_endpoint(capsys):
 def test_http_endpoint_is_refused_clearly(capsys):
     assert run_generate(parse("hi", "--endpoint", "http://127.0.0.1:8000")) == 2
     assert "grpc://host:port" in capsys.readouterr().err
+
+
+def test_through_the_distserve_command(address, capsys):
+    from distserve.cli import main
+
+    assert main(["generate", "hi", "--endpoint", address, "--max-tokens", "2"]) == 0
+    assert capsys.readouterr().out == "t0 t1 \n"
