@@ -15,9 +15,14 @@ The scheduler owns the waiting queue and the running list; it does not run the m
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
+from distserve.engine.admission import (
+    AdmissionOrder,
+    WaitingItem,
+    available_admission_orders,
+    make_admission_order,
+)
 from distserve.engine.kv_manager import KVCacheManager
 from distserve.engine.request import Request, RequestStatus
 
@@ -26,8 +31,14 @@ from distserve.engine.request import Request, RequestStatus
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_num_seqs: int = 128  # requests running at once, at most
+    admission: str = "fcfs"  # order waiting requests are tried in (distserve.engine.admission)
+    admission_options: dict[str, object] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
+        if self.admission not in available_admission_orders():
+            raise ValueError(
+                f"admission must be one of {available_admission_orders()}, got {self.admission!r}"
+            )
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
@@ -62,13 +73,17 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
-        self.waiting: deque[Request] = deque()
+        self.waiting: dict[str, Request] = {}  # in arrival order; tried in the admission order
+        self.admission: AdmissionOrder = make_admission_order(
+            config.admission, **config.admission_options
+        )
         self.running: list[Request] = []
         self.num_preemptions_total = 0
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.waiting[request.request_id] = request
+        self.admission.add(_waiting_item(request))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -87,7 +102,8 @@ class Scheduler:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
-            self.waiting.remove(request)
+            del self.waiting[request.request_id]
+            self.admission.remove(request.request_id)
         else:
             return
         request.status = status
@@ -115,21 +131,27 @@ class Scheduler:
                 i += 1
 
         # New work only when nothing had to be preempted: the pool is under pressure otherwise.
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-            and not batch.preempted
-        ):
-            req = self.waiting[0]
-            cached = self.kv.find_cached_prefix(req)
-            num_cached_tokens = len(cached) * self.kv.block_size
+        if not self.waiting or budget <= 0 or batch.preempted:
+            return batch
+        hits: dict[str, list] = {}
+
+        def match_len(request_id: str) -> int:
+            if request_id not in hits:
+                hits[request_id] = self.kv.find_cached_prefix(self.waiting[request_id])
+            return len(hits[request_id]) * self.kv.block_size
+
+        for request_id in self.admission.order(match_len):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            req = self.waiting[request_id]
+            num_cached_tokens = match_len(request_id)
             num_new = min(req.num_tokens - num_cached_tokens, budget)
             req.num_computed_tokens = num_cached_tokens
-            if not self.kv.allocate(req, num_new, cached):
+            if not self.kv.allocate(req, num_new, hits[request_id]):
                 req.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            del self.waiting[request_id]
+            self.admission.on_admitted(request_id, req.num_tokens - num_cached_tokens)
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_cached_tokens
                 self.kv.record_lookup(req.num_prompt_tokens, num_cached_tokens)
@@ -153,6 +175,7 @@ class Scheduler:
             if token_id is None:
                 continue
             req.output_token_ids.append(token_id)
+            self.admission.on_output_tokens(req.client_id, 1)
             status = req.check_stop(token_id)
             if status is not None:
                 self.finish(req, status)
@@ -165,4 +188,9 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(req)
+        self.waiting[req.request_id] = req
+        self.admission.add(_waiting_item(req), is_resumed=True)
+
+
+def _waiting_item(req: Request) -> WaitingItem:
+    return WaitingItem(req.request_id, req.client_id, req.arrival_s, req.num_prompt_tokens)

@@ -186,7 +186,7 @@ class InstanceRuntime:
     def _stats(self) -> instance_pb2.InstanceStats:
         """Runs on the engine thread."""
         engine, kv, sched = self.engine, self.engine.kv, self.engine.scheduler
-        waiting = list(sched.waiting) + list(getattr(sched, "awaiting_kv", ()))
+        waiting = [*sched.waiting.values(), *getattr(sched, "awaiting_kv", ())]
         events = kv.drain_events()
         self._report_seq += 1
         self.metrics.set_load(len(waiting), len(sched.running), kv.usage, kv.pool.stats.hit_rate)

@@ -167,7 +167,9 @@ class ClusterConfig:
             ),
             parallel=ParallelConfig(tensor_parallel_size=pool.tp, pipeline_parallel_size=pool.pp),
             scheduler=SchedulerConfig(
-                max_num_batched_tokens=pool.max_num_batched_tokens, max_num_seqs=pool.max_num_seqs
+                max_num_batched_tokens=pool.max_num_batched_tokens,
+                max_num_seqs=pool.max_num_seqs,
+                admission=pool.admission,
             ),
         )
 

@@ -104,3 +104,28 @@ def test_eos_and_length_finish():
 def test_scheduler_config_validation():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_batched_tokens=0)
+
+
+def test_lpm_admission_runs_the_longest_cached_prefix_first():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=1, admission="lpm"), kv)
+    warm = make_request("warm", list(range(1, 17)), max_tokens=1)
+    sched.add(warm)
+    _step(sched)  # 16 tokens computed and cached, finished (max_tokens=1)
+    cold = make_request("cold", [90 + i for i in range(12)])
+    hot = make_request("hot", [*range(1, 17), 77])
+    sched.add(cold)
+    sched.add(hot)  # arrives later, but 16 of its tokens are cached
+    batch, _ = _step(sched)
+    assert [r.request_id for r in batch.requests] == ["hot"]
+    assert batch.num_new_tokens == [1] and hot.num_cached_tokens == 16
+    fcfs = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=1), kv)
+    fcfs.add(make_request("cold2", [90 + i for i in range(12)]))
+    fcfs.add(make_request("hot2", [*range(1, 17), 77]))
+    batch, _ = _step(fcfs)
+    assert [r.request_id for r in batch.requests] == ["cold2"]
+
+
+def test_unknown_admission_order_is_a_clear_error():
+    with pytest.raises(ValueError, match="admission"):
+        SchedulerConfig(admission="nope")
