@@ -56,17 +56,17 @@ def build_request(
     }
     for name, value in scalars.items():
         if value is not None:
-            _checked(name, lambda n=name, v=value: setattr(sampling, n, v))
+            _checked(name, setattr, sampling, name, value)
     for name, values in lists.items():
         if values is not None:
-            _checked(name, lambda n=name, v=values: getattr(sampling, n).extend(list(v)))
+            _checked(name, getattr(sampling, name).extend, list(values))
     req = generation_pb2.GenerateRequest(sampling=sampling)
-    _checked("client_id", lambda: setattr(req, "client_id", client_id))
-    _checked("request_id", lambda: setattr(req, "request_id", request_id))
+    _checked("client_id", setattr, req, "client_id", client_id)
+    _checked("request_id", setattr, req, "request_id", request_id)
     if isinstance(prompt, str):
         req.text = prompt
     elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
-        _checked("prompt token ids", lambda: req.token_ids.ids.extend(list(prompt)))
+        _checked("prompt token ids", req.token_ids.ids.extend, list(prompt))
     else:
         raise InvalidRequest(
             f"prompt must be a str or a list of token ids, got {type(prompt).__name__}",
@@ -75,8 +75,9 @@ def build_request(
     return req
 
 
-def _checked(name: str, assign: Callable[[], object]) -> None:
+def _checked(name: str, assign: Callable[..., object], *args: object) -> None:
+    """``assign(*args)``, turning protobuf's complaint into an error that names the field."""
     try:
-        assign()
+        assign(*args)
     except (TypeError, ValueError) as e:
         raise InvalidRequest(f"{name}: {e}", code="INVALID_ARGUMENT") from None
