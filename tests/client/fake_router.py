@@ -4,7 +4,7 @@ The fake core streams ``max_tokens`` tokens ``200 + i`` with text ``"w{i} "``, `
 per chunk, ``delay_s`` apart; the last chunk has finish ``"length"`` and usage with half the
 prompt cached. Prompt text picks other behaviour: ``"invalid"`` → InvalidRequestError before any
 output, ``"unavailable"`` → ServiceError, ``"endless"`` → tokens until the stream is closed,
-``"fail-midway"`` → ServiceError after two chunks. ``outcomes`` records, per request id, whether
+``"fail-midway"`` → ServiceError after two chunks, ``"stalled"`` → no output for an hour. ``outcomes`` records, per request id, whether
 the stream was ``"completed"`` or closed early (``"aborted"``) — closing is how a front end
 aborts a request.
 """
@@ -64,6 +64,7 @@ class FakeFrontend:
     async def generate(self, request: FrontRequest) -> AsyncIterator[FrontChunk]:
         self.requests.append(request)
         rid = request.request_id or f"fake-{len(self.requests)}"
+        self.last_request_id = rid
         text = request.prompt_text
         if text == "invalid":
             raise InvalidRequestError("prompt: refused by the fake core")
@@ -75,7 +76,7 @@ class FakeFrontend:
         is_completed = False
         try:
             for start in range(0, num_tokens, self.tokens_per_chunk):
-                await asyncio.sleep(self.delay_s)
+                await asyncio.sleep(3600 if text == "stalled" else self.delay_s)
                 if text == "fail-midway" and start >= 2:
                     raise ServiceError("decode instance died")
                 ids = list(range(start, min(start + self.tokens_per_chunk, num_tokens)))

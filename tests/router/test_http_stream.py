@@ -122,3 +122,15 @@ def test_disconnect_while_waiting_for_a_whole_answer_aborts(served):
     assert list(set(frontend.outcomes) - before) and all(
         frontend.outcomes[rid] == "aborted" for rid in set(frontend.outcomes) - before
     )
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_before_the_first_token_aborts(served, stream):
+    url, frontend = served
+    num_requests = len(frontend.requests)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{url}/v1/completions", json={"prompt": "stalled", "stream": stream}, timeout=0.5
+        )
+    assert len(frontend.requests) == num_requests + 1
+    assert frontend.wait_for_outcome(frontend.last_request_id) == "aborted"
