@@ -3,6 +3,8 @@
 - ``DISTSERVE_CACHE_DIR``: where the demo model and logs of ``distserve serve`` live
   (default ``$XDG_CACHE_HOME/distserve`` or ``~/.cache/distserve``).
 - ``DISTSERVE_HOST``: the address this node's instances advertise to the router (multi-node).
+- ``DISTSERVE_KERNELS_LIB``: the native CPU kernel library to load instead of the checkout's
+  ``csrc/build/libdistserve_kv.so`` (``distserve.kernels``).
 - ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``: set by torchrun.
 """
 
@@ -22,6 +24,12 @@ def cache_dir() -> Path:
 
 def advertise_host() -> str | None:
     return os.environ.get("DISTSERVE_HOST") or None
+
+
+def kernels_lib() -> Path | None:
+    """The native kernel library named by ``DISTSERVE_KERNELS_LIB``, or None when unset."""
+    path = os.environ.get("DISTSERVE_KERNELS_LIB")
+    return Path(path) if path else None
 
 
 def torchrun_env() -> dict[str, str]:
