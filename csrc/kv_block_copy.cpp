@@ -9,17 +9,19 @@
 //   t0 | h0 h1 [h2 h3] h4 ... |   --- run_bytes --->   t0 | h2 h3 |
 //   t1 | h0 h1 [h2 h3] h4 ... |   --- run_bytes --->   t1 | h2 h3 |
 //
-// Units run on an OpenMP team of the caller's size; copies smaller than kMinParallelBytes stay
-// on the calling thread.
+// Units run on an OpenMP team of at most the caller's size, with at least kMinBytesPerThread
+// for each thread: a copy under twice that stays on the calling thread.
 
+#include <algorithm>
 #include <cstring>
 
 #include "kv_block_copy.h"
 
 namespace {
 
-// Waking an OpenMP team costs a few microseconds; below this size one thread is quicker.
-constexpr int64_t kMinParallelBytes = int64_t{1} << 20;
+// Waking a thread of an OpenMP team costs microseconds (far more when the machine's cores are
+// oversubscribed and it is not scheduled); a share smaller than this is not worth it.
+constexpr int64_t kMinBytesPerThread = int64_t{1} << 20;
 
 // Byte sizes of the runs a copy moves, derived once from the layout and the head range.
 struct CopyPlan {
@@ -65,8 +67,10 @@ int copy_blocks(char* cache, char* message, const distserve_kv_layout* layout_pt
   const CopyPlan plan = make_plan(layout, head_start, head_end);
   const int64_t message_block_bytes = layout.block_size * plan.run_bytes;
   const int64_t num_units = layout.num_layers * 2 * num_ids;
-  const int team_size = num_threads > 1 ? num_threads : 1;
-  const bool is_parallel = team_size > 1 && num_units * message_block_bytes >= kMinParallelBytes;
+  const int64_t max_team_size = num_units * message_block_bytes / kMinBytesPerThread;
+  const int team_size = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(num_threads, max_team_size)));
+  const bool is_parallel = team_size > 1;
 
 #pragma omp parallel for schedule(static) num_threads(team_size) if (is_parallel)
   for (int64_t unit = 0; unit < num_units; ++unit) {

@@ -138,7 +138,7 @@ int main() {
   const distserve_kv_layout tiny = {2, 1, 8, 1, 1, 8};
   const distserve_kv_layout small = {4, 2, 16, 4, 4, 16};
   const distserve_kv_layout odd_rows = {2, 3, 9, 16, 8, 3};  // 6-byte heads
-  const distserve_kv_layout parallel = {2, 4, 48, 16, 8, 64};  // > 1 MB: runs on a team
+  const distserve_kv_layout parallel = {2, 4, 96, 16, 8, 64};  // >= 2 MB: runs on a team
   int case_no = 1;
   for (int num_threads : {1, 3}) {
     check_case(case_no++, tiny, 5, 0, 1, num_threads);
@@ -147,8 +147,8 @@ int main() {
     check_case(case_no++, small, 3, 3, 4, num_threads);
     check_case(case_no++, odd_rows, 5, 0, 8, num_threads);
     check_case(case_no++, odd_rows, 5, 2, 7, num_threads);
-    check_case(case_no++, parallel, 40, 0, 8, num_threads);
-    check_case(case_no++, parallel, 40, 4, 6, num_threads);
+    check_case(case_no++, parallel, 80, 0, 8, num_threads);
+    check_case(case_no++, parallel, 80, 4, 6, num_threads);
   }
   check_bad_arguments();
   if (g_num_failures) {

@@ -29,7 +29,7 @@ SHAPES = (
     (1, 8, 1, 1, 8),
     (2, 16, 4, 4, 16),
     (3, 21, 16, 8, 3),  # 3-element heads: rows that are not whole 8-byte words
-    (4, 48, 16, 8, 64),  # large enough (> 1 MB) to run on an OpenMP team
+    (4, 48, 16, 8, 64),  # messages of 2-8 MB but a single head: copied by an OpenMP team
 )
 HEADS = ("full", "partial", "single")
 
