@@ -8,6 +8,13 @@ and gloo otherwise). It does not know about blocks, heads or transfers.
 A backend matches messages between one pair of ranks in the order they were posted, and
 carries no tags: that is NCCL's model, and the gloo backend keeps to it (one constant tag) so
 that the ordering the sender enforces is what the gloo tests check.
+
+A receive may carry an ``on_arrival`` hook: the receiver's "check the header, scatter the
+chunk" step. The backend runs it once the bytes are in, and its op reports done only after the
+hook returned, so a receiver that sees ``is_done()`` knows the hook's work is over. Where it runs
+is the backend's choice: on the thread that learns of the completion (gloo's per-peer waiter
+thread; the in-process fabric's delivering call) or inside the ``is_done()`` call that first
+sees it complete (nccl, whose completion is a CUDA event that only polling discovers).
 """
 
 from __future__ import annotations
@@ -21,6 +28,20 @@ import torch
 
 class TransferBackendError(RuntimeError):
     """A posted send or receive failed (peer gone, size mismatch, communicator error)."""
+
+
+ArrivalHook = Callable[[], None]  # run once a receive's bytes are in; see the module docstring
+
+
+def run_arrival_hook(hook: ArrivalHook | None, what: str) -> str | None:
+    """Run ``hook``; the error text for the op when it raised, else None."""
+    if hook is None:
+        return None
+    try:
+        hook()
+    except Exception as err:  # any failure of the hook fails the receive, visibly
+        return f"{what}: handling the arrived message failed: {err!r}"
+    return None
 
 
 class PendingOp(abc.ABC):
@@ -45,8 +66,13 @@ class TransferBackend(abc.ABC):
         """Post a send of the whole (contiguous, uint8) ``message`` to global rank ``peer_rank``."""
 
     @abc.abstractmethod
-    def irecv(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
-        """Post a receive of exactly ``message.numel()`` bytes from ``peer_rank`` into it."""
+    def irecv(
+        self, message: torch.Tensor, peer_rank: int, on_arrival: ArrivalHook | None = None
+    ) -> PendingOp:
+        """Post a receive of exactly ``message.numel()`` bytes from ``peer_rank`` into it.
+
+        ``on_arrival`` runs once the bytes are in and before the op reports done; if it raises,
+        the op fails with its error."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release helper threads or handles; ops still posted are abandoned."""

@@ -4,8 +4,11 @@ Owns :class:`InProcessFabric` (the "network": per-(src, dst) FIFO queues of post
 receives) and :class:`InProcessBackend` (one rank's endpoint on it). Matching follows the same
 rule as NCCL and our gloo backend: the k-th send posted from ``src`` to ``dst`` fills the k-th
 receive posted by ``dst`` from ``src``; a size mismatch fails both ops (gloo raises, NCCL would
-hang or corrupt). A test can ``pause()`` delivery to hold ops in flight, ``resume()`` it, and
-``fail_pair()`` to simulate a dead peer.
+hang or corrupt). A receive's ``on_arrival`` hook runs inside the call that delivers it (the
+matching ``isend``, ``resume()`` or ``deliver()``), standing in for gloo's waiter thread. A test
+can ``pause()`` delivery to hold ops in flight, ``resume()`` it, and ``fail_pair()`` to simulate
+a dead peer. While paused, ``deliver()`` lets a given number of a pair's messages through (a
+transfer caught between two chunks).
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ from dataclasses import dataclass, field
 import torch
 
 from distserve.transfer.backend import (
+    ArrivalHook,
     PendingOp,
     TransferBackend,
     TransferBackendError,
     register_backend,
+    run_arrival_hook,
 )
 
 
 class _InProcessOp(PendingOp):
-    def __init__(self, message: torch.Tensor) -> None:
+    def __init__(self, message: torch.Tensor, on_arrival: ArrivalHook | None = None) -> None:
         self.message = message
+        self.on_arrival = on_arrival
         self.is_complete = False
         self.error: str | None = None
 
@@ -60,6 +66,10 @@ class InProcessFabric:
         for pair in list(self._pairs):
             self._match(pair)
 
+    def deliver(self, src: int, dst: int, num_messages: int) -> None:
+        """Match at most ``num_messages`` of the pair's posted sends, even while paused."""
+        self._match((src, dst), num_messages)
+
     def fail_pair(self, src: int, dst: int, reason: str) -> None:
         queues = self._pairs.setdefault((src, dst), _PairQueues())
         for op in (*queues.sends, *queues.recvs):
@@ -72,8 +82,15 @@ class InProcessFabric:
         queues = self._pairs.get((src, dst), _PairQueues())
         return len(queues.sends), len(queues.recvs)
 
-    def post(self, src: int, dst: int, message: torch.Tensor, is_send: bool) -> PendingOp:
-        op = _InProcessOp(message)
+    def post(
+        self,
+        src: int,
+        dst: int,
+        message: torch.Tensor,
+        is_send: bool,
+        on_arrival: ArrivalHook | None = None,
+    ) -> PendingOp:
+        op = _InProcessOp(message, on_arrival)
         queues = self._pairs.setdefault((src, dst), _PairQueues())
         (queues.sends if is_send else queues.recvs).append(op)
         if is_send:
@@ -82,9 +99,11 @@ class InProcessFabric:
             self._match((src, dst))
         return op
 
-    def _match(self, pair: tuple[int, int]) -> None:
-        queues = self._pairs[pair]
-        while queues.sends and queues.recvs:
+    def _match(self, pair: tuple[int, int], max_messages: int | None = None) -> None:
+        queues = self._pairs.setdefault(pair, _PairQueues())
+        num_matched = 0
+        while queues.sends and queues.recvs and num_matched != max_messages:
+            num_matched += 1
             send, recv = queues.sends.popleft(), queues.recvs.popleft()
             if send.message.numel() != recv.message.numel():
                 reason = (
@@ -94,7 +113,9 @@ class InProcessFabric:
                 send.error = recv.error = reason
                 continue
             recv.message.copy_(send.message)
-            send.is_complete = recv.is_complete = True
+            send.is_complete = True
+            recv.error = run_arrival_hook(recv.on_arrival, f"receive on pair {pair}")
+            recv.is_complete = recv.error is None
 
 
 @register_backend
@@ -111,5 +132,9 @@ class InProcessBackend(TransferBackend):
     def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
         return self._fabric.post(self._rank, peer_rank, message, is_send=True)
 
-    def irecv(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
-        return self._fabric.post(peer_rank, self._rank, message, is_send=False)
+    def irecv(
+        self, message: torch.Tensor, peer_rank: int, on_arrival: ArrivalHook | None = None
+    ) -> PendingOp:
+        return self._fabric.post(
+            peer_rank, self._rank, message, is_send=False, on_arrival=on_arrival
+        )

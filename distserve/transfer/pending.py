@@ -3,7 +3,8 @@
 Owns :class:`OrphanOps`: posted sends or receives whose transfer already ended (cancelled,
 timed out, failed). Neither NCCL nor gloo can take back a posted op, so an orphan keeps its
 buffer alive until the op completes, and its bytes are dropped; it is never scattered into
-cache blocks. And :class:`FencedResults`: results held back until the device copies of their
+cache blocks. A received chunk whose scatter is still running on the device (CUDA) is kept the
+same way, behind its fence, so that its staging buffer is not lent out again too early. And :class:`FencedResults`: results held back until the device copies of their
 transfer finished, so a driver that frees blocks on a result never frees blocks still being read
 or written.
 """
@@ -17,7 +18,7 @@ import torch
 
 from distserve.transfer.backend import PendingOp, TransferBackendError
 from distserve.transfer.descriptor import TransferResult
-from distserve.transfer.device_stream import Fence
+from distserve.transfer.device_stream import PASSED_FENCE, Fence
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +35,21 @@ class OrphanOps:
     """Posted ops of ended transfers, kept (with their buffers) until they complete."""
 
     def __init__(self, release: Callable[[torch.Tensor], None]) -> None:
-        self._ops: list[tuple[PendingOp, torch.Tensor]] = []
-        self._release = release  # hands a buffer back once its op settled
+        self._ops: list[tuple[PendingOp, torch.Tensor, Fence]] = []
+        self._release = release  # hands a buffer back once its op settled and its fence passed
 
     def __len__(self) -> int:
         return len(self._ops)
 
-    def add(self, op: PendingOp, buffer: torch.Tensor) -> None:
-        self._ops.append((op, buffer))
+    def add(self, op: PendingOp, buffer: torch.Tensor, fence: Fence = PASSED_FENCE) -> None:
+        self._ops.append((op, buffer, fence))
 
     def poll(self) -> None:
         still_pending = []
-        for op, buffer in self._ops:
+        for op, buffer, fence in self._ops:
             try:
-                if not op.is_done():
-                    still_pending.append((op, buffer))
+                if not op.is_done() or not fence.is_done():
+                    still_pending.append((op, buffer, fence))
                     continue
             except TransferBackendError as err:
                 logger.warning("orphaned KV transfer op failed: %s", err)

@@ -5,82 +5,63 @@ ask the prefill side to send (the instance's control channel does, after ``post_
 
 Per transfer, on this rank::
 
-    post_recv ──▶ POSTED ──(every message arrived, headers valid)──▶ COMMITTING ──(scatter done)──▶ DONE
-                    │   │                                              │
-                    │   └─(VOID or foreign header, recv error)──▶ FAILED
-                    │ timeout ─────────────────────────────────▶ FAILED     │ cancel: scatter already
-                    │ cancel ──────────────────────────────────▶ CANCELLED  │ queued, so CANCELLED is
-                    ▼                                                       ▼ reported once it finished
-           the posted irecvs become orphans: they still complete into their own staging
-           buffers, which are then dropped. Nothing is ever written into cache blocks after
-           a transfer leaves POSTED other than by its own scatter.
+    post_recv ──▶ POSTED ──(every chunk arrived and scattered)──▶ COMMITTING ──(device copies done)──▶ DONE
+                    │
+                    ├─(a VOID or foreign header, recv error)──▶ FAILED
+                    ├─ timeout ───────────────────────────────▶ FAILED
+                    └─ cancel ────────────────────────────────▶ CANCELLED
+           A closed transfer's receives still posted become orphans: they complete into their
+           own staging buffers, which are then dropped. The result of a closed transfer is held
+           back until a chunk scatter already running has finished (COMMITTING only lasts on
+           CUDA, where the scatters are queued on the transfer stream).
 
-One message per (transfer, source rank), each received into its own staging buffer (header +
-payload); the payloads are scattered into the destination blocks with one ``index_copy_`` each,
-and only once every message of the transfer arrived with a header naming this transfer's
-``seq_no`` and id. So a cancelled, timed-out or failed transfer never touches the cache, and the
-decode side may free its blocks as soon as ``poll()`` reports the result (never earlier: on CUDA
-a COMMITTING scatter is still writing).
+Each (transfer, prefill rank) pair arrives as chunks (``chunking.py``), one message each, all
+posted at ``post_recv`` in chunk order into their own staging buffers (header + payload). As
+each chunk arrives its header is checked — this transfer's id and ``seq_no``, this chunk's index
+— and only then is its payload scattered into the chunk's destination blocks with one
+``index_copy_`` (``recv_commit.py``). A transfer is DONE once every chunk of every pair was.
+
+What the cache sees: a chunk is written only into its own transfer's blocks, only with the KV
+the header says it is, and never after ``cancel``/the result returned (a scatter already running
+when the transfer is closed finishes first, and the result waits for it). A transfer that ends
+FAILED or CANCELLED may have written some of its blocks, with their correct KV; the driver frees
+them on the result, as before.
+
+Threads: with gloo the header check and scatter of a chunk run on the backend's waiter thread
+for that prefill rank, right after the chunk's receive completed, while gloo's I/O thread
+already fills the next chunk's buffer; ``post_recv``/``cancel``/``poll`` (the engine thread)
+never copy KV and never wait for a copy. With nccl they run inside ``poll()``, queued on the
+transfer stream; reading a header is then a 64-byte device→host copy on that stream.
 
 Staging buffers come from a pool (``buffer_pool.py``) and go back to it once their receive
-completed and their payload was scattered. On the nccl path, reading a header is a 64-byte
-device→host copy on the transfer stream (not the compute stream).
+completed and their payload was scattered.
 
 Ordering: ``post_recv`` must be called in ``seq_no`` order per prefill instance (checked);
-backends match a pair's messages in posting order and the sender issues in ``seq_no`` order, so
-each message lands in its own transfer's buffer. A cancelled receive cannot be taken back
-(gloo and NCCL have no un-post), but it stays first in line and soaks up its own message, so the
-pair keeps working. A header with the wrong ``seq_no`` means the pair lost step: the pair is
-marked broken and every later transfer on it fails at once with that reason.
+backends match a pair's messages in posting order and the sender issues in (``seq_no``, chunk)
+order, so each chunk lands in its own buffer. A cancelled receive cannot be taken back (gloo and
+NCCL have no un-post), but it stays first in line and soaks up its own message, so the pair
+keeps working. A header with the wrong ``seq_no`` or chunk index means the pair lost step: the
+pair is marked broken and every later transfer on it fails at once with that reason.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from distserve.transfer.backend import PendingOp, TransferBackend, TransferBackendError
-from distserve.transfer.block_copy import block_index, scatter_blocks
+from distserve.transfer.backend import TransferBackend, TransferBackendError
+from distserve.transfer.block_copy import block_index
 from distserve.transfer.buffer_pool import DEFAULT_MAX_POOLED_BYTES, MessagePool
 from distserve.transfer.checks import check_block_ids, check_cache, check_member
+from distserve.transfer.chunking import DEFAULT_CHUNK_BYTES, check_chunk_bytes, plan_chunks
 from distserve.transfer.descriptor import TransferDescriptor, TransferResult, TransferState
-from distserve.transfer.device_stream import PASSED_FENCE, Fence, TransferStream
+from distserve.transfer.device_stream import TransferStream
 from distserve.transfer.pending import FencedResults, OrphanOps, is_settled
-from distserve.transfer.plan import HeadSlice
-from distserve.transfer.wire import (
-    HEADER_BYTES,
-    MessageFormatError,
-    MessageKind,
-    message_bytes,
-    payload_view,
-    read_header,
-    transfer_tag,
-)
-
-
-@dataclass
-class _Part:
-    """One message this rank expects for a transfer: from one prefill rank."""
-
-    src_rank: int  # global rank of the prefill rank sending it
-    head_slice: HeadSlice
-    buffer: torch.Tensor  # staging: header + payload, on the backend's wire device
-    op: PendingOp  # the posted irecv
-    has_arrived: bool = False
-
-
-@dataclass
-class _Transfer:
-    desc: TransferDescriptor
-    block_ids: list[int]
-    started_s: float
-    parts: list[_Part] = field(default_factory=list)
-    state: TransferState = TransferState.POSTED
-    scatter_fence: Fence = PASSED_FENCE
-    is_cancelled: bool = False  # asked to cancel while COMMITTING
+from distserve.transfer.recv_commit import ChunkCommitter, InChunk, InPart, InTransfer
+from distserve.transfer.wire import HEADER_BYTES, message_bytes
 
 
 class KVReceiver:
@@ -93,6 +74,7 @@ class KVReceiver:
         backend: TransferBackend,
         *,
         timeout_s: float = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_pooled_bytes: int = DEFAULT_MAX_POOLED_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -100,11 +82,13 @@ class KVReceiver:
         self._rank = rank  # this process's global rank
         self._backend = backend
         self._timeout_s = timeout_s
+        self._chunk_bytes = check_chunk_bytes(chunk_bytes)  # must equal the prefill side's
         self._clock = clock
         self._wire_device = backend.wire_device(kv_cache.device)
         self._is_pinned = self._wire_device.type == "cpu" and kv_cache.device.type == "cuda"
         self._stream = TransferStream(kv_cache.device)
-        self._transfers: dict[str, _Transfer] = {}
+        self._committer = ChunkCommitter(kv_cache, self._stream)
+        self._transfers: dict[str, InTransfer] = {}
         self._next_seq_no: dict[int, int] = {}  # source rank -> seq_no the next post must carry
         self._broken: dict[int, str] = {}  # source rank -> why the pair lost step
         self._finished = FencedResults()
@@ -132,46 +116,46 @@ class KVReceiver:
                     f"receives from rank {src_rank} must be posted in seq_no order: expected "
                     f"{expected}, got {desc.seq_no} (transfer {desc.transfer_id!r})"
                 )
-        transfer = _Transfer(desc, block_ids, self._clock())
-        self._transfers[desc.transfer_id] = transfer
-        with self._stream.use():  # nccl: the receive must not wait for the engine's compute
-            for head_slice in slices:
-                src_rank = desc.src_ranks[head_slice.src_tp_rank]
-                self._next_seq_no[src_rank] = desc.seq_no + 1
-                num_bytes = message_bytes(desc.spec, desc.num_blocks, head_slice.num_heads)
-                buffer = self._pool.acquire(num_bytes, self._wire_device, self._is_pinned)
-                op = self._backend.irecv(buffer, src_rank)
-                transfer.parts.append(_Part(src_rank, head_slice, buffer, op))
+        with self._stream.use():  # nccl: nothing here may wait for the engine's compute
+            index = block_index(block_ids, self._cache.device)
+        transfer = InTransfer(desc, block_ids, index, self._clock())
         broken = [
-            f"rank {r}: {self._broken[r]}" for r in self._pair_ranks(transfer) if r in self._broken
+            f"rank {r}: {self._broken[r]}"
+            for r in (desc.src_ranks[s.src_tp_rank] for s in slices)
+            if r in self._broken
         ]
+        if broken:  # post anyway, to keep the pair's count, but never scatter what lands
+            self._committer.close(transfer)
+        self._transfers[desc.transfer_id] = transfer
+        with self._stream.use():
+            for head_slice in slices:
+                part = InPart(desc.src_ranks[head_slice.src_tp_rank], head_slice)
+                transfer.parts.append(part)
+                self._next_seq_no[part.src_rank] = desc.seq_no + 1
+                self._post_part(transfer, part)
         if broken:
             self._finish(transfer, TransferState.FAILED, f"pair out of step ({'; '.join(broken)})")
 
     def cancel(self, transfer_id: str) -> bool:
         """Give up on a transfer; its blocks are never written after this returns, except by a
-        scatter already running (COMMITTING), which the CANCELLED result waits for. False when
-        the transfer is unknown or already reported."""
+        chunk scatter already running, which the CANCELLED result waits for. False when the
+        transfer is unknown or already reported."""
         transfer = self._transfers.get(transfer_id)
         if transfer is None:
             return False
-        if transfer.state is TransferState.COMMITTING:
-            transfer.is_cancelled = True
-        else:
-            self._finish(transfer, TransferState.CANCELLED, "cancelled by the decode side")
+        self._finish(transfer, TransferState.CANCELLED, "cancelled by the decode side")
         return True
 
     def poll(self) -> list[TransferResult]:
-        """Check what arrived, scatter what is complete, report what ended; never blocks."""
+        """Check what arrived, report what ended; never blocks (chunks scatter on arrival)."""
         now = self._clock()
         for transfer in list(self._transfers.values()):
             if transfer.state is TransferState.POSTED:
                 self._poll_posted(transfer, now)
-            if transfer.state is TransferState.COMMITTING and transfer.scatter_fence.is_done():
-                if transfer.is_cancelled:
-                    self._finish(transfer, TransferState.CANCELLED, "cancelled by the decode side")
-                else:
-                    self._finish(transfer, TransferState.DONE, None)
+            if transfer.state is TransferState.COMMITTING and all(
+                chunk.scatter_fence.is_done() for chunk in transfer.chunks()
+            ):
+                self._finish(transfer, TransferState.DONE, None)
         self._orphans.poll()
         return self._finished.pop_ready()
 
@@ -197,86 +181,66 @@ class KVReceiver:
     def check_consistency(self) -> None:
         for transfer in self._transfers.values():
             assert transfer.state in (TransferState.POSTED, TransferState.COMMITTING)
-            assert transfer.parts, transfer.desc.transfer_id
+            assert transfer.parts and not transfer.is_closed, transfer.desc.transfer_id
             for part in transfer.parts:
                 assert self._next_seq_no[part.src_rank] > transfer.desc.seq_no
+                assert [c.span.index for c in part.chunks] == list(range(len(part.chunks)))
+                assert part.chunks and part.chunks[-1].span.num_chunks == len(part.chunks)
             if transfer.state is TransferState.COMMITTING:
-                assert all(part.has_arrived for part in transfer.parts)
+                assert all(c.has_arrived and c.refusal is None for c in transfer.chunks())
 
     # ---- internals -----------------------------------------------------------------------
 
-    @staticmethod
-    def _pair_ranks(transfer: _Transfer) -> list[int]:
-        return [part.src_rank for part in transfer.parts]
+    def _post_part(self, transfer: InTransfer, part: InPart) -> None:
+        """Post the pair's chunk receives, in chunk order."""
+        spec, num_heads = transfer.desc.spec, part.head_slice.num_heads
+        block_bytes = message_bytes(spec, 1, num_heads) - HEADER_BYTES
+        for span in plan_chunks(transfer.desc.num_blocks, block_bytes, self._chunk_bytes):
+            num_bytes = message_bytes(spec, span.num_blocks, num_heads)
+            chunk = InChunk(span, self._pool.acquire(num_bytes, self._wire_device, self._is_pinned))
+            part.chunks.append(chunk)
+            on_arrival = functools.partial(self._committer.on_arrival, transfer, part, chunk)
+            chunk.op = self._backend.irecv(chunk.buffer, part.src_rank, on_arrival)
 
-    def _poll_posted(self, transfer: _Transfer, now: float) -> None:
-        try:
-            for part in transfer.parts:
-                part.has_arrived = part.has_arrived or part.op.is_done()
-        except TransferBackendError as err:
-            self._finish(transfer, TransferState.FAILED, str(err))
-            return
-        if all(part.has_arrived for part in transfer.parts):
-            self._commit(transfer)
+    def _poll_posted(self, transfer: InTransfer, now: float) -> None:
+        for part in transfer.parts:
+            for chunk in part.chunks:
+                try:
+                    assert chunk.op is not None
+                    chunk.has_arrived = chunk.has_arrived or chunk.op.is_done()
+                except TransferBackendError as err:
+                    self._finish(transfer, TransferState.FAILED, str(err))
+                    return
+                if not chunk.has_arrived:
+                    break  # later chunks of this pair arrive after this one
+                if chunk.refusal is not None:  # written by the arrival hook, before is_done
+                    if chunk.refusal.breaks_pair is not None:
+                        self._broken[part.src_rank] = chunk.refusal.breaks_pair
+                    self._finish(transfer, TransferState.FAILED, chunk.refusal.error)
+                    return
+        if all(chunk.has_arrived for chunk in transfer.chunks()):
+            transfer.state = TransferState.COMMITTING
         elif now - transfer.started_s > self._timeout_s:
-            missing = [part.src_rank for part in transfer.parts if not part.has_arrived]
+            missing = [p.src_rank for p in transfer.parts if not p.chunks[-1].has_arrived]
             self._finish(
                 transfer,
                 TransferState.FAILED,
                 f"timed out after {self._timeout_s:.1f} s waiting for prefill ranks {missing}",
             )
 
-    def _commit(self, transfer: _Transfer) -> None:
-        """Check every header, then scatter every payload into the transfer's blocks."""
-        desc = transfer.desc
-        with self._stream.use():
-            for part in transfer.parts:
-                error = self._check_header(desc, part)
-                if error is not None:
-                    self._finish(transfer, TransferState.FAILED, error)
-                    return
-            index = block_index(transfer.block_ids, self._cache.device)
-            for part in transfer.parts:
-                payload = payload_view(
-                    part.buffer, desc.spec, desc.num_blocks, part.head_slice.num_heads
-                )
-                if payload.device != self._cache.device:
-                    payload = payload.to(self._cache.device, non_blocking=True)
-                scatter_blocks(self._cache, index, part.head_slice.dst_heads, payload)
-            transfer.scatter_fence = self._stream.fence()
-        transfer.state = TransferState.COMMITTING
-
-    def _check_header(self, desc: TransferDescriptor, part: _Part) -> str | None:
-        """Why this message must not be scattered, or None when it is this transfer's KV."""
-        try:
-            header = read_header(part.buffer)
-        except MessageFormatError as err:
-            self._broken[part.src_rank] = str(err)
-            return f"garbled message from rank {part.src_rank}: {err}"
-        if header.seq_no != desc.seq_no or header.tag != transfer_tag(desc.transfer_id):
-            why = f"got seq_no {header.seq_no} where {desc.seq_no} (transfer {desc.transfer_id!r}) was posted"
-            self._broken[part.src_rank] = why
-            return f"message from rank {part.src_rank} out of order: {why}"
-        if (
-            header.payload_bytes != part.buffer.numel() - HEADER_BYTES
-            or header.src_rank != part.src_rank
-        ):
-            return f"message from rank {part.src_rank} has a mismatched header {header}"
-        if header.kind is MessageKind.VOID:
-            return f"prefill rank {part.src_rank} sent no KV (lease expired, cancelled or timed out there)"
-        return None
-
-    def _finish(self, transfer: _Transfer, state: TransferState, error: str | None) -> None:
+    def _finish(self, transfer: InTransfer, state: TransferState, error: str | None) -> None:
         del self._transfers[transfer.desc.transfer_id]
         transfer.state = state
-        for part in transfer.parts:
-            if is_settled(part.op):  # and its scatter, if any, has finished
-                self._pool.release(part.buffer)
-            else:
-                self._orphans.add(part.op, part.buffer)  # lands in its own buffer, then dropped
+        scatter_fence = self._committer.close(transfer)
+        for chunk in transfer.chunks():
+            assert chunk.op is not None
+            if is_settled(chunk.op) and chunk.scatter_fence.is_done():
+                self._pool.release(chunk.buffer)
+            else:  # still arriving, or its scatter still reads it: dropped once settled
+                self._orphans.add(chunk.op, chunk.buffer, chunk.scatter_fence)
         num_bytes = 0
         if state is TransferState.DONE:
-            num_bytes = sum(part.buffer.numel() - HEADER_BYTES for part in transfer.parts)
+            num_bytes = sum(c.buffer.numel() - HEADER_BYTES for c in transfer.chunks())
         elapsed_s = self._clock() - transfer.started_s
         result = TransferResult(transfer.desc.transfer_id, state, num_bytes, elapsed_s, error)
-        self._finished.add(result, [transfer.scatter_fence])
+        self._finished.add(result, [scatter_fence])

@@ -5,48 +5,70 @@ decode side's request) nor free blocks (the driver does, after ``poll()`` report
 
 Per transfer, on this rank::
 
-    start_send ──▶ QUEUED ──(every message issued)──▶ IN_FLIGHT ──(every isend completed)──▶ DONE
-                     │                                    │
-                     │ cancel / timeout / send error      │ cancel / timeout / send error
-                     ▼                                    ▼
-              CANCELLED / FAILED: messages not yet issued turn VOID and are still sent in
+    start_send ──▶ QUEUED ──(every chunk issued)──▶ IN_FLIGHT ──(every isend completed)──▶ DONE
+                     │                                  │
+                     │ cancel / timeout / send error    │ cancel / timeout / send error
+                     ▼                                  ▼
+              CANCELLED / FAILED: chunks not yet issued turn VOID and are still sent in
               their turn; issued ones become orphans and finish on their own.
 
-One message per (transfer, destination rank): one ``index_select`` of the blocks (restricted to
-the heads that destination owns) into the payload of a flat buffer, then one ``isend``.
+Each (transfer, destination rank) pair is cut into chunks (``chunking.py``), one message each:
+an ``index_select`` of the chunk's blocks (restricted to the heads that destination owns) into
+the payload of a flat buffer, then one ``isend``. ``start_send`` gathers chunk by chunk, round
+robin over the destinations, and issues each chunk as soon as it is gathered when it is that
+destination's turn, so the wire carries chunk k while the calling thread gathers chunk k+1.
 
-Ordering. A decode rank posts its receives in ``seq_no`` order and every backend matches a
-pair's messages first-posted-first-matched, so the sender issues the ``isend`` of ``seq_no`` k to
-a destination only after those of every seq_no < k to it: a message that is ready early waits in
-a per-destination queue (``start_send`` of C, A, B issues A, B, C). Because NCCL has no tags,
-this is the only thing standing between a message and the wrong receive buffer; the header's
-seq_no lets the receiver catch a violation instead of scattering the wrong KV.
+Threads: on CPU every gather runs on the calling (engine) thread inside ``start_send``, as the
+unchunked gather did; the bytes are written to the socket by gloo's own I/O thread, and the
+backend's per-peer waiter thread only notices completions. On CUDA the gathers are queued on the
+transfer stream and a chunk is issued by the first ``start_send``/``poll`` that finds its
+gather fence passed.
+
+Ordering. A decode rank posts its receives in (``seq_no``, chunk) order and every backend
+matches a pair's messages first-posted-first-matched, so the sender issues chunk c of ``seq_no``
+k to a destination only after chunks 0..c-1 of k and every chunk of every seq_no < k to it: a
+transfer that is ready early waits in a per-destination queue (``start_send`` of C, A, B issues
+A, B, C). Because NCCL has no tags, this is the only thing standing between a message and the
+wrong receive buffer; the header's seq_no and chunk index let the receiver catch a violation
+instead of scattering the wrong KV.
 
 Every posted receive must be filled, or the pair stalls forever. So a sender never drops a
-seq_no: a send it cannot honour (the blocks' lease expired: :meth:`KVSender.start_void_send`;
-cancelled or timed out before its turn) is still sent, as a VOID message of the right size
-that the receiver discards and reports as failed.
+chunk: a send it cannot honour (the blocks' lease expired: :meth:`KVSender.start_void_send`;
+cancelled or timed out before its turn) is still sent, as VOID chunks of the right sizes that
+the receiver discards and reports as failed.
 
-Results are reported only once the gather has finished reading the source blocks (immediate on
-CPU; a CUDA event with a CUDA cache), so the driver may free the blocks as soon as it sees one.
+Results are reported only once the gathers have finished reading the source blocks (immediate
+on CPU; CUDA events with a CUDA cache), so the driver may free the blocks as soon as it sees one.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from distserve.transfer.backend import PendingOp, TransferBackend, TransferBackendError
+from distserve.transfer.backend import TransferBackend, TransferBackendError
 from distserve.transfer.block_copy import block_index, gather_blocks
 from distserve.transfer.buffer_pool import DEFAULT_MAX_POOLED_BYTES, MessagePool
 from distserve.transfer.checks import check_block_ids, check_cache, check_member
+from distserve.transfer.chunking import (
+    DEFAULT_CHUNK_BYTES,
+    ChunkSpan,
+    check_chunk_bytes,
+    plan_chunks,
+)
 from distserve.transfer.descriptor import TransferDescriptor, TransferResult, TransferState
-from distserve.transfer.device_stream import PASSED_FENCE, Fence, TransferStream
+from distserve.transfer.device_stream import PASSED_FENCE, TransferStream
 from distserve.transfer.pending import FencedResults, OrphanOps, is_settled
 from distserve.transfer.plan import HeadSlice
+from distserve.transfer.send_queue import (
+    FailedOp,
+    OutChunk,
+    OutMessage,
+    OutTransfer,
+    SendQueues,
+)
 from distserve.transfer.wire import (
     HEADER_BYTES,
     MessageHeader,
@@ -56,27 +78,6 @@ from distserve.transfer.wire import (
     transfer_tag,
     write_header,
 )
-
-
-@dataclass
-class _Message:
-    """One (transfer, destination rank) message on its way out."""
-
-    transfer: _Transfer
-    dst_rank: int  # global rank of the decode rank
-    seq_no: int
-    buffer: torch.Tensor  # header + payload, uint8, on the backend's wire device
-    gather_fence: Fence  # passed once the payload holds the gathered blocks
-    is_void: bool  # send a VOID header: the receiver must discard the payload
-    op: PendingOp | None = None  # set when the isend is issued
-
-
-@dataclass
-class _Transfer:
-    desc: TransferDescriptor
-    started_s: float
-    messages: list[_Message] = field(default_factory=list)
-    state: TransferState = TransferState.QUEUED
 
 
 class KVSender:
@@ -89,6 +90,7 @@ class KVSender:
         backend: TransferBackend,
         *,
         timeout_s: float = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_pooled_bytes: int = DEFAULT_MAX_POOLED_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -96,13 +98,13 @@ class KVSender:
         self._rank = rank  # this process's global rank
         self._backend = backend
         self._timeout_s = timeout_s
+        self._chunk_bytes = check_chunk_bytes(chunk_bytes)  # must equal the decode side's
         self._clock = clock
         self._wire_device = backend.wire_device(kv_cache.device)
         self._is_pinned = self._wire_device.type == "cpu" and kv_cache.device.type == "cuda"
         self._stream = TransferStream(kv_cache.device)
-        self._transfers: dict[str, _Transfer] = {}
-        self._next_seq_no: dict[int, int] = {}  # destination rank -> next seq_no to issue
-        self._waiting: dict[int, dict[int, _Message]] = {}  # destination -> seq_no -> message
+        self._transfers: dict[str, OutTransfer] = {}
+        self._queues = SendQueues(self._issue)
         self._finished = FencedResults()  # reported once the gathers stopped reading the blocks
         self._pool = MessagePool(max_pooled_bytes)
         self._orphans = OrphanOps(self._pool.release)
@@ -114,28 +116,33 @@ class KVSender:
         slices = self._my_slices(desc)
         block_ids = check_block_ids(src_block_ids, desc.num_blocks, self._cache)
         transfer = self._new_transfer(desc, slices)
-        if not slices:
+        messages = [self._enqueue(transfer, head_slice, is_void=False) for head_slice in slices]
+        if not messages:
             return
         with self._stream.use(after_compute=True):
             index = block_index(block_ids, self._cache.device)
-            for head_slice in slices:
-                buffer = self._acquire(desc, head_slice)
-                self._gather(desc, index, head_slice, buffer)
-                self._enqueue(transfer, head_slice, buffer, self._stream.fence(), is_void=False)
+            for chunk_index in range(max(len(m.spans) for m in messages)):
+                for message in messages:  # round robin: every destination's wire starts early
+                    if chunk_index < len(message.spans):
+                        self._gather(message, message.spans[chunk_index], index)
+                        self._queues.issue_ready(message.dst_rank)
 
     def start_void_send(self, desc: TransferDescriptor, reason: str) -> None:
         """Answer a request whose KV this rank no longer has: fill the decode side's receives
-        with VOID messages so the pairs stay in step. Reported as CANCELLED with ``reason``."""
+        with VOID chunks so the pairs stay in step. Reported as CANCELLED with ``reason``."""
         slices = self._my_slices(desc)
         transfer = self._new_transfer(desc, slices)
         for head_slice in slices:
-            buffer = self._acquire(desc, head_slice)
-            self._enqueue(transfer, head_slice, buffer, PASSED_FENCE, is_void=True)
+            message = self._enqueue(transfer, head_slice, is_void=True)
+            for span in message.spans:
+                buffer = self._acquire(message, span)
+                message.chunks.append(OutChunk(span, buffer, PASSED_FENCE))
+            self._queues.issue_ready(message.dst_rank)
         if slices:
             self._finish(transfer, TransferState.CANCELLED, f"void send: {reason}")
 
     def cancel(self, transfer_id: str) -> bool:
-        """Stop a send. Messages not yet issued go out VOID in their turn; issued ones complete.
+        """Stop a send. Chunks not yet issued go out VOID in their turn; issued ones complete.
         False when the transfer is unknown or already reported."""
         transfer = self._transfers.get(transfer_id)
         if transfer is None:
@@ -145,8 +152,7 @@ class KVSender:
 
     def poll(self) -> list[TransferResult]:
         """Issue what became ready, check what completed; never blocks."""
-        for dst_rank in list(self._waiting):
-            self._issue_ready(dst_rank)
+        self._queues.issue_all_ready()
         now = self._clock()
         for transfer in list(self._transfers.values()):
             self._poll_transfer(transfer, now)
@@ -173,16 +179,13 @@ class KVSender:
         return self._pool.num_lent
 
     def check_consistency(self) -> None:
-        for dst_rank, waiting in self._waiting.items():
-            next_seq_no = self._next_seq_no.get(dst_rank, 0)
-            assert all(seq_no >= next_seq_no for seq_no in waiting), (dst_rank, next_seq_no)
-            for message in waiting.values():
-                assert message.op is None and message.dst_rank == dst_rank
-                assert message.is_void or message.transfer.desc.transfer_id in self._transfers
+        self._queues.check_consistency(set(self._transfers))
         for transfer in self._transfers.values():
             assert transfer.state in (TransferState.QUEUED, TransferState.IN_FLIGHT)
-            is_all_issued = all(m.op is not None for m in transfer.messages)
+            is_all_issued = all(m.is_all_issued for m in transfer.messages)
             assert is_all_issued == (transfer.state is TransferState.IN_FLIGHT)
+            for message in transfer.messages:
+                assert tuple(c.span for c in message.chunks) == message.spans
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -194,102 +197,79 @@ class KVSender:
         slices = [s for s in desc.head_slices() if s.src_tp_rank == tp_rank]
         for head_slice in slices:
             dst_rank = desc.dst_ranks[head_slice.dst_tp_rank]
-            if desc.seq_no < self._next_seq_no.get(dst_rank, 0) or desc.seq_no in self._waiting.get(
-                dst_rank, {}
-            ):
-                raise ValueError(
-                    f"seq_no {desc.seq_no} to rank {dst_rank} was already sent or queued "
-                    f"(transfer {desc.transfer_id!r})"
-                )
+            self._queues.check_new(dst_rank, desc.seq_no, desc.transfer_id)
         return slices
 
-    def _new_transfer(self, desc: TransferDescriptor, slices: list[HeadSlice]) -> _Transfer:
-        transfer = _Transfer(desc, self._clock())
+    def _new_transfer(self, desc: TransferDescriptor, slices: list[HeadSlice]) -> OutTransfer:
+        transfer = OutTransfer(desc, self._clock())
         if slices:
             self._transfers[desc.transfer_id] = transfer
         else:  # a replica whose heads other prefill ranks send: nothing to do here
             self._finished.add(TransferResult(desc.transfer_id, TransferState.DONE, 0, 0.0), [])
         return transfer
 
-    def _acquire(self, desc: TransferDescriptor, head_slice: HeadSlice) -> torch.Tensor:
-        num_bytes = message_bytes(desc.spec, desc.num_blocks, head_slice.num_heads)
+    def _enqueue(self, transfer: OutTransfer, head_slice: HeadSlice, is_void: bool) -> OutMessage:
+        """Plan the pair's chunks and queue its message (chunks are added as they are ready)."""
+        desc = transfer.desc
+        block_bytes = message_bytes(desc.spec, 1, head_slice.num_heads) - HEADER_BYTES
+        spans = plan_chunks(desc.num_blocks, block_bytes, self._chunk_bytes)
+        dst_rank = desc.dst_ranks[head_slice.dst_tp_rank]
+        message = OutMessage(transfer, dst_rank, head_slice, spans, is_void)
+        transfer.messages.append(message)
+        self._queues.add(message)
+        return message
+
+    def _acquire(self, message: OutMessage, span: ChunkSpan) -> torch.Tensor:
+        spec = message.transfer.desc.spec
+        num_bytes = message_bytes(spec, span.num_blocks, message.head_slice.num_heads)
         return self._pool.acquire(num_bytes, self._wire_device, self._is_pinned)
 
-    def _gather(
-        self,
-        desc: TransferDescriptor,
-        index: torch.Tensor,
-        head_slice: HeadSlice,
-        buffer: torch.Tensor,
-    ) -> None:
-        payload = payload_view(buffer, desc.spec, desc.num_blocks, head_slice.num_heads)
+    def _gather(self, message: OutMessage, span: ChunkSpan, index: torch.Tensor) -> None:
+        """Gather one chunk into a fresh message buffer and append it to ``message``."""
+        buffer = self._acquire(message, span)
+        spec, heads = message.transfer.desc.spec, message.head_slice
+        payload = payload_view(buffer, spec, span.num_blocks, heads.num_heads)
         if buffer.device == self._cache.device:
-            gather_blocks(self._cache, index, head_slice.src_heads, out=payload)
-            return
-        staged = torch.empty(payload.shape, dtype=payload.dtype, device=self._cache.device)
-        gather_blocks(self._cache, index, head_slice.src_heads, out=staged)
-        payload.copy_(staged, non_blocking=True)
+            gather_blocks(self._cache, index[span.blocks], heads.src_heads, out=payload)
+        else:
+            staged = torch.empty(payload.shape, dtype=payload.dtype, device=self._cache.device)
+            gather_blocks(self._cache, index[span.blocks], heads.src_heads, out=staged)
+            payload.copy_(staged, non_blocking=True)
+        message.chunks.append(OutChunk(span, buffer, self._stream.fence()))
 
-    def _enqueue(
-        self,
-        transfer: _Transfer,
-        head_slice: HeadSlice,
-        buffer: torch.Tensor,
-        fence: Fence,
-        is_void: bool,
-    ) -> None:
-        dst_rank = transfer.desc.dst_ranks[head_slice.dst_tp_rank]
-        message = _Message(transfer, dst_rank, transfer.desc.seq_no, buffer, fence, is_void)
-        transfer.messages.append(message)
-        self._waiting.setdefault(dst_rank, {})[message.seq_no] = message
-        self._issue_ready(dst_rank)
-
-    def _issue_ready(self, dst_rank: int) -> None:
-        """Issue this destination's messages strictly in seq_no order, as far as they are ready."""
-        waiting = self._waiting[dst_rank]
-        next_seq_no = self._next_seq_no.get(dst_rank, 0)
-        while (message := waiting.get(next_seq_no)) is not None and message.gather_fence.is_done():
-            del waiting[next_seq_no]
-            next_seq_no += 1
-            self._next_seq_no[dst_rank] = next_seq_no
-            self._issue(message)
-        if not waiting:
-            del self._waiting[dst_rank]
-
-    def _issue(self, message: _Message) -> None:
-        desc = message.transfer.desc
-        kind = MessageKind.VOID if message.is_void else MessageKind.DATA
+    def _issue(self, message: OutMessage, chunk: OutChunk) -> None:
+        """Post one chunk's isend (``SendQueues`` calls this in its turn)."""
+        transfer, desc = message.transfer, message.transfer.desc
         header = MessageHeader(
-            kind,
+            MessageKind.VOID if message.is_void else MessageKind.DATA,
             desc.seq_no,
             transfer_tag(desc.transfer_id),
             self._rank,
-            message.buffer.numel() - HEADER_BYTES,
+            chunk.buffer.numel() - HEADER_BYTES,
+            chunk.span.index,
+            chunk.span.num_chunks,
         )
         with self._stream.use():
-            write_header(message.buffer, header)
+            write_header(chunk.buffer, header)
             try:
-                message.op = self._backend.isend(message.buffer, message.dst_rank)
-            except Exception as err:  # a refused post: nothing is in flight for this message
-                message.op = _FailedOp(f"isend to rank {message.dst_rank} refused: {err}")
-        if (
-            desc.transfer_id not in self._transfers
-            or self._transfers[desc.transfer_id] is not message.transfer
-        ):
-            self._orphans.add(message.op, message.buffer)  # its transfer already ended
-        elif all(m.op is not None for m in message.transfer.messages):
-            message.transfer.state = TransferState.IN_FLIGHT
+                chunk.op = self._backend.isend(chunk.buffer, message.dst_rank)
+            except Exception as err:  # a refused post: nothing is in flight for this chunk
+                chunk.op = FailedOp(f"isend to rank {message.dst_rank} refused: {err}")
+        if self._transfers.get(desc.transfer_id) is not transfer:
+            self._orphans.add(chunk.op, chunk.buffer)  # its transfer already ended
+        elif all(m.is_all_issued for m in transfer.messages):
+            transfer.state = TransferState.IN_FLIGHT
 
-    def _poll_transfer(self, transfer: _Transfer, now: float) -> None:
+    def _poll_transfer(self, transfer: OutTransfer, now: float) -> None:
         try:
-            is_done = all(m.op is not None and m.op.is_done() for m in transfer.messages)
+            is_done = all(c.op is not None and c.op.is_done() for c in transfer.chunks())
         except TransferBackendError as err:
             self._finish(transfer, TransferState.FAILED, str(err))
             return
-        if is_done:
+        if is_done and transfer.state is TransferState.IN_FLIGHT:
             self._finish(transfer, TransferState.DONE, None)
         elif now - transfer.started_s > self._timeout_s:
-            unissued = [m.dst_rank for m in transfer.messages if m.op is None]
+            unissued = [m.dst_rank for m in transfer.messages if m.num_issued == 0]
             why = (
                 f"seq_no {transfer.desc.seq_no} still waits for earlier seq_nos to ranks {unissued}"
                 if unissued
@@ -299,27 +279,20 @@ class KVSender:
                 transfer, TransferState.FAILED, f"timed out after {self._timeout_s:.1f} s: {why}"
             )
 
-    def _finish(self, transfer: _Transfer, state: TransferState, error: str | None) -> None:
+    def _finish(self, transfer: OutTransfer, state: TransferState, error: str | None) -> None:
         del self._transfers[transfer.desc.transfer_id]
         transfer.state = state
         for message in transfer.messages:
-            if message.op is None:
-                message.is_void = True  # still sent in its turn, so the receiver's slot is filled
-            elif is_settled(message.op):
-                self._pool.release(message.buffer)
-            else:
-                self._orphans.add(message.op, message.buffer)
+            message.is_void = True  # chunks not issued yet still go out in their turn, VOID
+            for chunk in message.chunks[: message.num_issued]:
+                assert chunk.op is not None
+                if is_settled(chunk.op):
+                    self._pool.release(chunk.buffer)
+                else:
+                    self._orphans.add(chunk.op, chunk.buffer)
         elapsed_s = self._clock() - transfer.started_s
         num_bytes = 0
         if state is TransferState.DONE:
-            num_bytes = sum(m.buffer.numel() - HEADER_BYTES for m in transfer.messages)
+            num_bytes = sum(c.buffer.numel() - HEADER_BYTES for c in transfer.chunks())
         result = TransferResult(transfer.desc.transfer_id, state, num_bytes, elapsed_s, error)
-        self._finished.add(result, [m.gather_fence for m in transfer.messages])
-
-
-class _FailedOp(PendingOp):
-    def __init__(self, error: str) -> None:
-        self._error = error
-
-    def is_done(self) -> bool:
-        raise TransferBackendError(self._error)
+        self._finished.add(result, [c.gather_fence for c in transfer.chunks()])

@@ -9,10 +9,15 @@ group exists, and its init, belong to the launcher.
   Gloo's point-to-point ``Work`` cannot be polled: ``is_completed()`` stays False until someone
   calls ``wait()``, and it has no future. So each (peer, direction) gets one daemon thread that
   ``wait()``s that peer's ops in posting order (the order they complete in: one TCP connection,
-  first-posted-first-matched) and flags them done; ``wait()`` releases the GIL. The wait is given
+  first-posted-first-matched) and flags them done; ``wait()`` releases the GIL. A receive's
+  ``on_arrival`` hook (the receiver's header check and scatter of that chunk) runs on that
+  thread right after the wait, so a chunk is scattered while the next one is still on the wire
+  and however rarely the engine polls; gloo's own I/O thread keeps filling the next posted
+  receive meanwhile. The wait is given
   a very long timeout of its own, because on expiry gloo fails every pair of the process group,
   not just the late op; deadlines are the sender's and receiver's ``timeout_s``.
-- ``nccl`` moves device buffers directly and polls ``Work.is_completed()`` (a CUDA event). It has
+- ``nccl`` moves device buffers directly and polls ``Work.is_completed()`` (a CUDA event); the
+  ``on_arrival`` hook runs inside the ``is_done()`` call that first sees completion. It has
   no tags, so ordering rests entirely on the sender issuing in ``seq_no`` order. NCCL cannot be
   run between two processes on a one-GPU machine, so this path shares every line above the two
   calls below with the gloo path that the tests run, and is itself untested here.
@@ -33,10 +38,12 @@ import torch
 import torch.distributed as dist
 
 from distserve.transfer.backend import (
+    ArrivalHook,
     PendingOp,
     TransferBackend,
     TransferBackendError,
     register_backend,
+    run_arrival_hook,
 )
 
 _TAG = 0  # deliberately constant: see the module docstring
@@ -44,26 +51,39 @@ _GLOO_WAIT = datetime.timedelta(days=7)  # see the module docstring: never let g
 
 
 class _WorkOp(PendingOp):
-    def __init__(self, work: Any, what: str) -> None:
+    def __init__(self, work: Any, what: str, on_arrival: ArrivalHook | None) -> None:
         self._work = work
         self._what = what
+        self._on_arrival = on_arrival
+        self._error: str | None = None
+        self._is_done = False
 
     def is_done(self) -> bool:
+        if self._error is not None:
+            raise TransferBackendError(self._error)
+        if self._is_done:
+            return True
         try:
             if not self._work.is_completed():
                 return False
             self._work.wait()  # returns at once when completed; raises the op's error if any
         except Exception as err:  # the backends raise plain RuntimeError subclasses
-            raise TransferBackendError(f"{self._what} failed: {err}") from err
+            self._error = f"{self._what} failed: {err}"
+            raise TransferBackendError(self._error) from err
+        self._error = run_arrival_hook(self._on_arrival, self._what)
+        if self._error is not None:
+            raise TransferBackendError(self._error)
+        self._is_done = True
         return True
 
 
 class _WaitedOp(PendingOp):
     """A gloo op whose completion a :class:`_PeerWaiter` thread reports."""
 
-    def __init__(self, work: Any, what: str) -> None:
+    def __init__(self, work: Any, what: str, on_arrival: ArrivalHook | None) -> None:
         self.work = work
         self.what = what
+        self.on_arrival = on_arrival
         self.error: str | None = None
         self.finished = threading.Event()
 
@@ -95,6 +115,8 @@ class _PeerWaiter:
                 op.work.wait(_GLOO_WAIT)
             except Exception as err:  # gloo raises RuntimeError subclasses
                 op.error = f"{op.what} failed: {err}"
+            else:
+                op.error = run_arrival_hook(op.on_arrival, op.what)
             op.finished.set()
 
 
@@ -119,15 +141,24 @@ class _TorchP2PBackend(TransferBackend):
     def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
         work = dist.isend(message, dst=peer_rank, group=self._group, tag=_TAG)
         what = f"{self.name} isend of {message.numel()} bytes to rank {peer_rank}"
-        return self._track(work, what, peer_rank, is_send=True)
+        return self._track(work, what, peer_rank, is_send=True, on_arrival=None)
 
-    def irecv(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
+    def irecv(
+        self, message: torch.Tensor, peer_rank: int, on_arrival: ArrivalHook | None = None
+    ) -> PendingOp:
         work = dist.irecv(message, src=peer_rank, group=self._group, tag=_TAG)
         what = f"{self.name} irecv of {message.numel()} bytes from rank {peer_rank}"
-        return self._track(work, what, peer_rank, is_send=False)
+        return self._track(work, what, peer_rank, is_send=False, on_arrival=on_arrival)
 
     @abc.abstractmethod
-    def _track(self, work: Any, what: str, peer_rank: int, is_send: bool) -> PendingOp:
+    def _track(
+        self,
+        work: Any,
+        what: str,
+        peer_rank: int,
+        is_send: bool,
+        on_arrival: ArrivalHook | None,
+    ) -> PendingOp:
         """Wrap a posted ``Work`` so that it can be polled."""
 
 
@@ -148,8 +179,15 @@ class GlooBackend(_TorchP2PBackend):
             waiter.stop()
         self._waiters.clear()
 
-    def _track(self, work: Any, what: str, peer_rank: int, is_send: bool) -> PendingOp:
-        op = _WaitedOp(work, what)
+    def _track(
+        self,
+        work: Any,
+        what: str,
+        peer_rank: int,
+        is_send: bool,
+        on_arrival: ArrivalHook | None,
+    ) -> PendingOp:
+        op = _WaitedOp(work, what, on_arrival)
         key = (peer_rank, is_send)
         if key not in self._waiters:
             direction = "send-to" if is_send else "recv-from"
@@ -168,5 +206,12 @@ class NcclBackend(_TorchP2PBackend):
             raise ValueError(f"the nccl transfer backend needs a CUDA KV cache, got {cache_device}")
         return cache_device
 
-    def _track(self, work: Any, what: str, peer_rank: int, is_send: bool) -> PendingOp:
-        return _WorkOp(work, what)
+    def _track(
+        self,
+        work: Any,
+        what: str,
+        peer_rank: int,
+        is_send: bool,
+        on_arrival: ArrivalHook | None,
+    ) -> PendingOp:
+        return _WorkOp(work, what, on_arrival)

@@ -1,17 +1,19 @@
 """The bytes of one message: a 64-byte header followed by the KV payload, in one flat buffer.
 
-Owns the message layout and its header. One message carries one transfer's blocks from one
-prefill rank to one decode rank::
+Owns the message layout and its header. One message carries one chunk (a run of consecutive
+entries of the transfer's block list, see ``chunking.py``) of one transfer from one prefill rank
+to one decode rank::
 
     message (uint8, contiguous, sent with a single isend)
-    | header: int64[8]                                    | payload                               |
-    | magic kind seq_no tag src_rank payload_bytes 0 0    | (num_layers, 2, num_blocks, block_size, |
-    0                                                    64 |  num_heads, head_dim) in the KV dtype  |
+    | header: int64[8]                                        | payload                          |
+    | magic kind seq_no tag src_rank payload_bytes            | (num_layers, 2, chunk's blocks,  |
+    |   chunk_index num_chunks                                |  block_size, num_heads, head_dim)|
+    0                                                        64   in the KV dtype                 |
 
 The header is how a receiver refuses bytes it must not scatter: a VOID message (the sender had
 no KV to give but must still fill the posted receive to keep the pair in step), or a message for
-another transfer (an ordering bug would otherwise write one request's KV into another's blocks).
-Putting it first keeps the payload aligned for every KV dtype.
+another transfer or another chunk (an ordering bug would otherwise write one request's KV into
+another's blocks). Putting it first keeps the payload aligned for every KV dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class MessageHeader:
     tag: int  # transfer_tag(transfer_id)
     src_rank: int  # global rank of the sender
     payload_bytes: int  # bytes after the header
+    chunk_index: int = 0  # which chunk of the (transfer, pair) this is: 0 .. num_chunks - 1
+    num_chunks: int = 1  # chunks the sender split the (transfer, pair) into
 
 
 def torch_dtype(spec: KVCacheSpec) -> torch.dtype:
@@ -91,8 +95,8 @@ def write_header(message: torch.Tensor, header: MessageHeader) -> None:
         header.tag,
         header.src_rank,
         header.payload_bytes,
-        0,
-        0,
+        header.chunk_index,
+        header.num_chunks,
     ]
     message[:HEADER_BYTES].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
 
@@ -102,7 +106,7 @@ def read_header(message: torch.Tensor) -> MessageHeader:
     words = message[:HEADER_BYTES].view(torch.int64).tolist()
     if words[0] != _MAGIC or words[1] not in (MessageKind.DATA, MessageKind.VOID):
         raise MessageFormatError(f"not a KV transfer message (header words {words[:2]})")
-    return MessageHeader(MessageKind(words[1]), words[2], words[3], words[4], words[5])
+    return MessageHeader(MessageKind(words[1]), *words[2:8])
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from distserve.engine.kv_spec import KVCacheSpec
 from distserve.transfer import KVReceiver, KVSender, TransferState, create_backend
+from distserve.transfer.chunking import DEFAULT_CHUNK_BYTES
 from tests.transfer.kv_gloo_world import poll_until, run_gloo_world
 from tests.transfer.kv_transfer_fixtures import (
     Pull,
@@ -39,6 +40,7 @@ class Scenario:
     src_tp: int
     dst_tp: int
     block_counts: tuple[int, ...]
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     @property
     def src_ranks(self) -> tuple[int, ...]:
@@ -65,11 +67,19 @@ class Rank:
         if self.is_decode:
             self.tp_rank = scenario.dst_ranks.index(rank)
             self.initial = rank_cache(self.full_dst, self.spec, self.tp_rank, scenario.dst_tp)
-            self.receiver = KVReceiver(self.initial.clone(), rank, backend, timeout_s=20.0)
+            self.receiver = KVReceiver(
+                self.initial.clone(),
+                rank,
+                backend,
+                timeout_s=20.0,
+                chunk_bytes=scenario.chunk_bytes,
+            )
         else:
             self.tp_rank = rank
             cache = rank_cache(self.full_src, self.spec, self.tp_rank, scenario.src_tp)
-            self.sender = KVSender(cache, rank, backend, timeout_s=20.0)
+            self.sender = KVSender(
+                cache, rank, backend, timeout_s=20.0, chunk_bytes=scenario.chunk_bytes
+            )
 
     def close(self) -> None:
         endpoint = self.receiver if self.is_decode else self.sender
@@ -115,11 +125,22 @@ def _concurrent_pulls(rank: int, world_size: int, scenario: Scenario) -> None:
 
 
 @pytest.mark.parametrize(
-    ("src_tp", "dst_tp", "dtype"), [(2, 1, "float16"), (1, 2, "bfloat16")], ids=["tp2to1", "tp1to2"]
+    ("src_tp", "dst_tp", "dtype", "chunk_bytes"),
+    [
+        (2, 1, "float16", DEFAULT_CHUNK_BYTES),
+        (1, 2, "bfloat16", DEFAULT_CHUNK_BYTES),
+        (2, 1, "float16", 7000),  # pairs carry 3 KiB per block: 2 blocks per chunk
+        (1, 2, "bfloat16", 3000),  # below one block: 1 block per chunk
+    ],
+    ids=["tp2to1", "tp1to2", "tp2to1-chunked", "tp1to2-chunk-per-block"],
 )
-def test_concurrent_pulls_land_exactly_their_heads(src_tp: int, dst_tp: int, dtype: str) -> None:
+def test_concurrent_pulls_land_exactly_their_heads(
+    src_tp: int, dst_tp: int, dtype: str, chunk_bytes: int
+) -> None:
     spec = KVCacheSpec(num_layers=3, num_kv_heads=4, head_dim=16, block_size=8, dtype=dtype)
-    scenario = Scenario(spec, src_tp, dst_tp, block_counts=(5, 1, 12, 7, 3))
+    scenario = Scenario(
+        spec, src_tp, dst_tp, block_counts=(5, 1, 12, 7, 3), chunk_bytes=chunk_bytes
+    )
     run_gloo_world(_concurrent_pulls, src_tp + dst_tp, scenario)
 
 
@@ -150,10 +171,13 @@ def _asked_out_of_order(rank: int, world_size: int, scenario: Scenario) -> None:
     me.close()
 
 
-def test_transfers_arrive_in_posted_order_when_asked_c_a_b() -> None:
+@pytest.mark.parametrize("chunk_bytes", [DEFAULT_CHUNK_BYTES, 1100], ids=["1chunk", "chunked"])
+def test_transfers_arrive_in_posted_order_when_asked_c_a_b(chunk_bytes: int) -> None:
     spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
-    # different sizes: a send matched to the wrong receive would fail loudly in gloo
-    run_gloo_world(_asked_out_of_order, 2, Scenario(spec, 1, 1, block_counts=(3, 6, 9)))
+    # different sizes: a send matched to the wrong receive would fail loudly in gloo; with
+    # 512-byte blocks and 1100-byte chunks, a, b, c travel as 2, 3 and 5 chunks
+    scenario = Scenario(spec, 1, 1, block_counts=(3, 6, 9), chunk_bytes=chunk_bytes)
+    run_gloo_world(_asked_out_of_order, 2, scenario)
 
 
 def _cancel_and_void(rank: int, world_size: int, scenario: Scenario) -> None:
@@ -195,6 +219,49 @@ def _cancel_and_void(rank: int, world_size: int, scenario: Scenario) -> None:
     me.close()
 
 
-def test_cancel_after_post_and_void_send_keep_the_pair_working() -> None:
+@pytest.mark.parametrize("chunk_bytes", [DEFAULT_CHUNK_BYTES, 1100], ids=["1chunk", "chunked"])
+def test_cancel_after_post_and_void_send_keep_the_pair_working(chunk_bytes: int) -> None:
     spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
-    run_gloo_world(_cancel_and_void, 2, Scenario(spec, 1, 1, block_counts=(4, 5, 6, 7)))
+    scenario = Scenario(spec, 1, 1, block_counts=(4, 5, 6, 7), chunk_bytes=chunk_bytes)
+    run_gloo_world(_cancel_and_void, 2, scenario)
+
+
+def _cancel_mid_stream(rank: int, world_size: int, scenario: Scenario) -> None:
+    me = Rank(rank, scenario)
+    big, after = scenario.pulls()
+    if me.is_decode:
+        receiver = me.receiver
+        receiver.post_recv(me.desc(big, 0), big.dst_block_ids)
+        receiver.post_recv(me.desc(after, 1), after.dst_block_ids)
+        me.handshake()
+        time.sleep(0.005)  # let some chunks land: how many is up to the scheduler
+        assert receiver.cancel("req-0")
+        results = poll_until(receiver, 2)
+        assert _states(results) == {"req-0": TransferState.CANCELLED, "req-1": TransferState.DONE}
+        cache, src = receiver._cache, me.full_src
+        for dst_id, src_id in zip(big.dst_block_ids, big.src_block_ids):
+            block = cache[:, :, dst_id]  # untouched, or exactly its KV: never anything else
+            assert torch.equal(block, me.initial[:, :, dst_id]) or torch.equal(
+                block, src[:, :, src_id]
+            )
+        expected = me.initial.clone()
+        expected[:, :, big.dst_block_ids] = cache[:, :, big.dst_block_ids]
+        expected[:, :, after.dst_block_ids] = src[:, :, after.src_block_ids]
+        assert torch.equal(cache, expected)  # nothing outside the two transfers' blocks moved
+    else:
+        me.handshake()
+        for seq_no, pull in enumerate((big, after)):
+            me.sender.start_send(me.desc(pull, seq_no), pull.src_block_ids)
+        assert all(r.is_ok for r in poll_until(me.sender, 2))
+    me.close()
+
+
+def test_receiver_cancel_while_chunks_stream_in() -> None:
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=64, block_size=16, dtype="float32")
+    # 64 KiB blocks, one per chunk: 40 chunks, some landed and some not when the cancel comes
+    scenario = Scenario(spec, 1, 1, block_counts=(40, 3), chunk_bytes=64 << 10)
+    run_gloo_world(_cancel_mid_stream, 2, scenario)
+
+
+def _states(results: list) -> dict:
+    return {r.transfer_id: r.state for r in results}
