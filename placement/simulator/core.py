@@ -84,7 +84,8 @@ class _Sim:
             if kind == _ARRIVAL:
                 self.arrive(payload, now)
             elif kind == _STEP_DONE:
-                self.step_done(*payload, now)
+                inst, plan = payload
+                self.step_done(inst, plan, now)
             elif kind == _TRANSFER_DONE:
                 self.transfer_done(payload, now)
             else:

@@ -25,59 +25,29 @@ cost); for a prefill-only instance (disaggregation: our adaptation) the pending
 ``hits in the window × its marginal prefill time`` (hits = requests through it − 1).
 
 *Rebalancing* (after ``warmup_requests_per_instance × instances`` dispatches), after every
-dispatch: the compared load of an instance is the cost of its *hot* nodes (>= ``hot_min_requests``
-requests in the window; cost = window charges + in-flight cost of the requests under the node
-there). While the heaviest instance's load is >= ``rebalance_ratio`` × the lightest's, its
-cheapest hot nodes move to the lightest as long as that does not overshoot, stopping once the
-gap is under the ratio; then the next heaviest against the (updated) lightest. Moving re-points
-the index (the lightest is recorded as holding the node's path, the heaviest no longer holds the
-node) and accounts the node's charges and in-flight cost to the lightest. When the heaviest has
-a single hot node, moving it would only move the overload: if that node's mean TTFT over the
-newer half of its window is >= ``replicate_ttft_ratio`` × the older half's, it is **replicated**
-to the lightest (recorded as a second holder; no KV is copied) and exploit then splits its
-requests by load. (ALGORITHMS.md says "only one hot prefix exists"; we read it per heaviest
-instance, as a released reimplementation of Preble does.)
+dispatch. The load it compares is the window cost of an instance's *hot* nodes (>=
+``hot_min_requests`` requests there in the window) — our reading: it is the part of the load a
+move transfers, so the comparison cannot chase in-flight work that stays behind (with in-flight
+costs included, moves thrashed in simulation). While the heaviest instance's load is >=
+``rebalance_ratio`` × the lightest's, its cheapest hot nodes move to the lightest as long as that
+does not overshoot, stopping once the gap is under the ratio; then the next heaviest against the
+(updated) lightest. Moving re-points the index (the lightest is recorded as holding the node's
+path, the heaviest no longer holds the node) and moves the node's window charges. When the
+heaviest has a single hot node, moving it would only move the overload: if that node's mean TTFT
+over the newer half of its window is >= ``replicate_ttft_ratio`` × the older half's, it is
+**replicated** to the lightest (recorded as a second holder; no KV is copied) and exploit then
+splits its requests by load. (ALGORITHMS.md says "only one hot prefix exists"; we read it per
+heaviest instance, as a public reimplementation of Preble's scheduler does.)
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from distserve.router.policies.base import InstanceLoad, RouteRequest, register_policy
-from distserve.router.policies.preble_load import PrefillTimeModel, WindowedLoad
+from distserve.router.policies.preble_load import InFlightLoad, PrefillTimeModel, WindowedLoad
 from distserve.router.policies.prefix_aware import PrefixAwarePolicy
-
-
-class _NodeFlight:
-    """In-flight cost under one node, as rebalancing accounts it to one instance. A move re-keys
-    it (or merges it into the destination's, leaving a forward pointer) so requests that
-    finish later drain the account their cost was moved to."""
-
-    __slots__ = ("into", "key", "prefill_s", "tokens")
-
-    def __init__(self, key: tuple[str, int]) -> None:
-        self.key = key
-        self.prefill_s = 0.0
-        self.tokens = 0
-        self.into: _NodeFlight | None = None
-
-    def resolve(self) -> _NodeFlight:
-        acc = self
-        while acc.into is not None:
-            acc = acc.into
-        return acc
-
-
-@dataclass
-class _InFlight:
-    instance_id: str
-    prefill_s: float  # counted while the prefill is pending (prefill-only instances)
-    output_tokens: int  # counted until finished (colocated instances)
-    important_nodes: tuple[int, ...]
-    accounts: list[_NodeFlight] = field(default_factory=list)
-    is_prefill_done: bool = False
 
 
 @register_policy
@@ -106,10 +76,7 @@ class PreblePolicy(PrefixAwarePolicy):
         self.default_tpot_s = default_tpot_s
         self.load = WindowedLoad(window_s, hot_min_requests)
         self._num_routed = 0
-        self._in_flight: dict[str, _InFlight] = {}
-        self._prefill_s: dict[str, float] = {}  # instance -> pending prefill seconds
-        self._output_tokens: dict[str, int] = {}  # instance -> expected output tokens in flight
-        self._node_flight: dict[tuple[str, int], _NodeFlight] = {}  # (instance, node) -> account
+        self.in_flight = InFlightLoad()
         self._node_path: dict[
             int, tuple[tuple[int, ...], int, int]
         ] = {}  # node -> (path, start, end)
@@ -120,9 +87,7 @@ class PreblePolicy(PrefixAwarePolicy):
     # ---- costs -----------------------------------------------------------------------------
     def load_cost(self, inst: InstanceLoad) -> float:
         iid = inst.instance_id
-        tpot = inst.recent_tpot_s if inst.recent_tpot_s is not None else self.default_tpot_s
-        in_flight = self._prefill_s.get(iid, 0.0) + self._output_tokens.get(iid, 0) * tpot
-        return self.load.total(iid) + in_flight
+        return self.load.total(iid) + self.in_flight.cost(iid, self._tpot(inst))
 
     def eviction_cost(
         self, inst: InstanceLoad, req: RouteRequest, num_cached_blocks: int, now_s: float
@@ -225,21 +190,12 @@ class PreblePolicy(PrefixAwarePolicy):
             start = end
         cached_tokens = min(num_cached_blocks * bs, n)
         self.load.record_hit(now_s, iid, cached_tokens, n)
-        flight = _InFlight(iid, 0.0, 0, tuple(important))
+        deepest = important[-1] if important else None  # the request's node for TTFT and in-flight
         if inst.role == "colocated":
-            flight.output_tokens = req.expected_output_tokens
-            self._output_tokens[iid] = self._output_tokens.get(iid, 0) + flight.output_tokens
+            self.in_flight.add(req.request_id, iid, 0.0, req.expected_output_tokens, deepest)
         else:
-            flight.prefill_s = self.prefill_time(n - cached_tokens, cached_tokens)
-            self._prefill_s[iid] = self._prefill_s.get(iid, 0.0) + flight.prefill_s
-        self._in_flight[req.request_id] = flight
-        for node in important:
-            acc = self._node_flight.get((iid, node))
-            if acc is None:
-                acc = self._node_flight[(iid, node)] = _NodeFlight((iid, node))
-            acc.prefill_s += flight.prefill_s
-            acc.tokens += flight.output_tokens
-            flight.accounts.append(acc)
+            pending_s = self.prefill_time(n - cached_tokens, cached_tokens)
+            self.in_flight.add(req.request_id, iid, pending_s, 0, deepest)
         self._num_routed += 1
         if self._num_routed % 1024 == 0:  # forget nodes that left the window
             for node in [v for v in self._node_path if not self.load.num_requests(v)]:
@@ -253,14 +209,17 @@ class PreblePolicy(PrefixAwarePolicy):
         if self._num_routed < self.warmup_requests_per_instance * len(instances):
             return
         by_id = {i.instance_id: i for i in instances}
-        node_costs = {iid: self._hot_node_costs(inst) for iid, inst in by_id.items()}
-        loads = {iid: sum(c for c, _ in costs) for iid, costs in node_costs.items()}
+        loads = {iid: self.hot_load(inst) for iid, inst in by_id.items()}
         heavy_first = sorted(loads, key=lambda iid: -loads[iid])
         light = heavy_first[-1]
         for heavy in heavy_first[:-1]:
             if loads[heavy] <= 0 or loads[heavy] < self.rebalance_ratio * loads[light]:
                 return
-            hot = node_costs[heavy]
+            tpot = self._tpot(by_id[heavy])
+            hot = sorted(
+                (cost + self.in_flight.node_cost(heavy, node, tpot), node)
+                for cost, node in self.load.hot_nodes(heavy)
+            )
             if len(hot) == 1:  # moving its only hot prefix would move the overload: replicate
                 cost, node = hot[0]
                 if self._maybe_replicate(node, light, now_s):
@@ -277,39 +236,18 @@ class PreblePolicy(PrefixAwarePolicy):
                     break
 
     def hot_load(self, inst: InstanceLoad) -> float:
-        """The load rebalancing compares: the costs of the instance's hot nodes only."""
-        return sum(c for c, _ in self._hot_node_costs(inst))
-
-    def _hot_node_costs(self, inst: InstanceLoad) -> list[tuple[float, int]]:
-        """``(cost, node)`` of the instance's hot nodes, cheapest first; cost = window charges +
-        in-flight cost of the requests under the node there."""
+        """The load rebalancing compares: window cost of the instance's hot nodes + in-flight
+        cost accounted to it (moved with the nodes)."""
         iid = inst.instance_id
-        return sorted(
-            (cost + self._node_flight_cost(iid, node, inst), node)
-            for cost, node in self.load.hot_nodes(iid)
-        )
+        return self.load.hot_total(iid) + self.in_flight.account_cost(iid, self._tpot(inst))
 
-    def _node_flight_cost(self, iid: str, node: int, inst: InstanceLoad) -> float:
-        """In-flight cost of the requests under ``node`` on the instance (as in ``load_cost``)."""
-        acc = self._node_flight.get((iid, node))
-        if acc is None:
-            return 0.0
-        tpot = inst.recent_tpot_s if inst.recent_tpot_s is not None else self.default_tpot_s
-        return acc.prefill_s + acc.tokens * tpot
+    def _tpot(self, inst: InstanceLoad) -> float:
+        return inst.recent_tpot_s if inst.recent_tpot_s is not None else self.default_tpot_s
 
     def _move(self, node: int, src: str, dst: str, now_s: float) -> None:
         path, start, end = self._node_path[node]
         self.load.move(node, src, dst)
-        acc = self._node_flight.pop((src, node), None)
-        if acc is not None:  # the node's in-flight cost is accounted to dst from now on
-            target = self._node_flight.get((dst, node))
-            if target is None:
-                acc.key = (dst, node)
-                self._node_flight[acc.key] = acc
-            else:
-                target.prefill_s += acc.prefill_s
-                target.tokens += acc.tokens
-                acc.prefill_s, acc.tokens, acc.into = 0.0, 0, target
+        self.in_flight.move(node, src, dst)
         self.index.blocks_evicted(src, path[start:end])
         self.index.insert(dst, path[:end], now_s)
         self.num_moves += 1
@@ -339,36 +277,16 @@ class PreblePolicy(PrefixAwarePolicy):
 
     # ---- events ----------------------------------------------------------------------------
     def on_prefill_done(self, request_id: str, now_s: float, ttft_s: float | None = None) -> None:
-        flight = self._in_flight.get(request_id)
-        if flight is not None and not flight.is_prefill_done:
-            flight.is_prefill_done = True
-            if flight.prefill_s:
-                self._prefill_s[flight.instance_id] -= flight.prefill_s
-                self._drain_nodes(flight, flight.prefill_s, 0)
-                flight.prefill_s = 0.0
-            if ttft_s is not None:
-                for node in flight.important_nodes:
-                    self._ttft.setdefault(node, deque()).append((now_s, ttft_s))
+        node = self.in_flight.prefill_done(request_id)
+        if node is not None and ttft_s is not None:
+            self._ttft.setdefault(node, deque()).append((now_s, ttft_s))
         super().on_prefill_done(request_id, now_s, ttft_s)
 
     def on_finished(self, request_id: str, now_s: float) -> None:
-        super().on_finished(request_id, now_s)
-        flight = self._in_flight.pop(request_id, None)
-        if flight is not None and flight.output_tokens:
-            self._output_tokens[flight.instance_id] -= flight.output_tokens
-            self._drain_nodes(flight, 0.0, flight.output_tokens)
-
-    def _drain_nodes(self, flight: _InFlight, prefill_s: float, output_tokens: int) -> None:
-        for account in flight.accounts:
-            acc = account.resolve()
-            acc.prefill_s -= prefill_s
-            acc.tokens -= output_tokens
-            if acc.tokens <= 0 and acc.prefill_s <= 1e-12 and self._node_flight.get(acc.key) is acc:
-                del self._node_flight[acc.key]
+        super().on_finished(request_id, now_s)  # calls on_prefill_done first if it was not
+        self.in_flight.finished(request_id)
 
     def check_consistency(self) -> None:
         super().check_consistency()
         self.load.check_consistency()
-        for iid, total in self._prefill_s.items():
-            expect = sum(f.prefill_s for f in self._in_flight.values() if f.instance_id == iid)
-            assert abs(total - expect) < 1e-6, f"pending prefill time of {iid} drifted"
+        self.in_flight.check_consistency()

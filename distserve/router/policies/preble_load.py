@@ -1,4 +1,4 @@
-"""Windowed load statistics of the ``preble`` policy (Preble E2-like, ALGORITHMS.md §3).
+"""Load bookkeeping of the ``preble`` policy (Preble E2-like, ALGORITHMS.md §3).
 
 Owns, over a sliding window of ``window_s`` seconds: per (instance, important node) the prefill
 cost charged by requests routed there and their count, per instance the total and the prefix
@@ -8,7 +8,7 @@ A *charge* is one request's contribution to one important node on one instance:
 ``miss × PrefillTime(node) / holders(node)`` with the holder count taken at dispatch time. The sum
 of charges over the window is Preble's ``Σ_v miss_rate(v) · requests(v) · PrefillTime(v) /
 holders(v)``, kept incrementally so a load query is O(1). Rebalancing moves a node's charges
-from one instance to another.
+from one instance to another. :class:`InFlightLoad` counts the work dispatched and not yet done.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class WindowedLoad:
         self._node_requests: dict[int, int] = {}
         self._num_hot = 0
         self._hot_on: dict[str, set[int]] = {}  # instance -> nodes with enough requests there
+        self._hot_total: dict[str, float] = {}  # instance -> Σ cost of its hot nodes
         self._seq = 0
         self._hits: deque[tuple[float, str, int, int]] = deque()
         self._hit_sums: dict[str, list[int]] = {}  # instance -> [cached tokens, prompt tokens]
@@ -71,10 +72,12 @@ class WindowedLoad:
         self._charges.append(c)
         bucket = self._buckets.setdefault(instance_id, {}).setdefault(node, deque())
         bucket.append(c)
-        if len(bucket) == self.hot_min_requests:
-            self._hot_on.setdefault(instance_id, set()).add(node)
         costs = self._bucket_cost.setdefault(instance_id, {})
         costs[node] = costs.get(node, 0.0) + cost_s
+        if node in self._hot_on.get(instance_id, ()):
+            self._hot_total[instance_id] += cost_s
+        elif len(bucket) >= self.hot_min_requests:
+            self._set_hot(instance_id, node, True)
         self._total[instance_id] = self._total.get(instance_id, 0.0) + cost_s
         self._count(node, +1)
 
@@ -94,9 +97,11 @@ class WindowedLoad:
             bucket = self._buckets[c.instance_id][c.node]
             assert bucket[0] is c, "charges leave their bucket in dispatch order"
             bucket.popleft()
-            if len(bucket) == self.hot_min_requests - 1:
-                self._hot_on[c.instance_id].discard(c.node)
             self._bucket_cost[c.instance_id][c.node] -= c.cost_s
+            if c.node in self._hot_on.get(c.instance_id, ()):
+                self._hot_total[c.instance_id] -= c.cost_s
+                if len(bucket) < self.hot_min_requests:
+                    self._set_hot(c.instance_id, c.node, False)
             self._total[c.instance_id] -= c.cost_s
             if not bucket:
                 del self._buckets[c.instance_id][c.node]
@@ -109,25 +114,43 @@ class WindowedLoad:
 
     def move(self, node: int, src: str, dst: str) -> float:
         """Move ``node``'s charges from ``src`` to ``dst``; returns the cost moved."""
-        bucket = self._buckets.get(src, {}).pop(node, None)
-        if bucket is None:
+        if self._buckets.get(src, {}).get(node) is None:
             return 0.0
+        if node in self._hot_on.get(src, ()):
+            self._set_hot(src, node, False)
+        bucket = self._buckets[src].pop(node)
         cost = self._bucket_cost[src].pop(node)
         for c in bucket:
             c.instance_id = dst
         dst_buckets = self._buckets.setdefault(dst, {})
         merged = sorted([*dst_buckets.get(node, ()), *bucket], key=lambda c: c.seq)
         dst_buckets[node] = deque(merged)
-        self._hot_on.get(src, set()).discard(node)
-        if len(merged) >= self.hot_min_requests:
-            self._hot_on.setdefault(dst, set()).add(node)
         dst_costs = self._bucket_cost.setdefault(dst, {})
         dst_costs[node] = dst_costs.get(node, 0.0) + cost
+        if node in self._hot_on.get(dst, ()):
+            self._hot_total[dst] += cost
+        elif len(merged) >= self.hot_min_requests:
+            self._set_hot(dst, node, True)
         self._total[src] -= cost
         self._total[dst] = self._total.get(dst, 0.0) + cost
         return cost
 
+    def _set_hot(self, instance_id: str, node: int, is_hot: bool) -> None:
+        cost = self._bucket_cost[instance_id][node]
+        hot = self._hot_on.setdefault(instance_id, set())
+        if is_hot:
+            hot.add(node)
+        else:
+            hot.discard(node)
+        self._hot_total[instance_id] = self._hot_total.get(instance_id, 0.0) + (
+            cost if is_hot else -cost
+        )
+
     # ---- queries ---------------------------------------------------------------------------
+    def hot_total(self, instance_id: str) -> float:
+        """Window cost of the instance's hot nodes (what rebalancing compares and moves)."""
+        return max(0.0, self._hot_total.get(instance_id, 0.0))
+
     def total(self, instance_id: str) -> float:
         return max(0.0, self._total.get(instance_id, 0.0))  # max: float round-off after expiry
 
@@ -174,3 +197,152 @@ class WindowedLoad:
         for iid, buckets in self._buckets.items():
             hot = {n for n, b in buckets.items() if len(b) >= self.hot_min_requests}
             assert hot == self._hot_on.get(iid, set()), f"hot nodes of {iid} drifted"
+            hot_cost = sum(self._bucket_cost[iid][n] for n in hot)
+            assert abs(hot_cost - self._hot_total.get(iid, 0.0)) < 1e-6, (
+                f"hot cost of {iid} drifted"
+            )
+
+
+class _Account:
+    """In-flight cost of the requests under one node, as rebalancing accounts it to one
+    instance. A move re-keys it, or merges it into the destination's account leaving a forward
+    pointer, so requests that finish later drain the account their cost was moved to."""
+
+    __slots__ = ("into", "key", "prefill_s", "tokens")
+
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        self.prefill_s = 0.0
+        self.tokens = 0
+        self.into: _Account | None = None
+
+    def resolve(self) -> _Account:
+        acc = self
+        while acc.into is not None:
+            acc = acc.into
+        return acc
+
+
+@dataclass
+class _Flight:
+    instance_id: str
+    prefill_s: float  # pending prefill time; counted until the prefill is done
+    output_tokens: int  # expected output; counted until finished (colocated instances)
+    node: int | None  # the request's deepest important node (None: prompt has no full block)
+    account: _Account | None
+    is_prefill_done: bool = False
+
+
+class InFlightLoad:
+    """Work dispatched and not yet done, twice: per instance where it runs (``cost``, for routing)
+    and per (instance, node) accounts that rebalancing may move (``account_cost``).
+
+    A prefill-only instance is charged the request's pending ``PrefillTime``; a colocated one its
+    expected output tokens (times the instance's TPOT when read), Preble's decode cost. Each
+    request is accounted under its deepest important node.
+    """
+
+    def __init__(self) -> None:
+        self._flights: dict[str, _Flight] = {}
+        self._prefill_s: dict[str, float] = {}  # where the work runs
+        self._tokens: dict[str, int] = {}
+        self._accounts: dict[tuple[str, int], _Account] = {}
+        self._acc_prefill_s: dict[str, float] = {}  # Σ accounts keyed to the instance
+        self._acc_tokens: dict[str, int] = {}
+
+    def add(
+        self,
+        request_id: str,
+        instance_id: str,
+        prefill_s: float,
+        output_tokens: int,
+        node: int | None,
+    ) -> None:
+        acc = None
+        if node is not None:
+            acc = self._accounts.get((instance_id, node))
+            if acc is None:
+                acc = self._accounts[(instance_id, node)] = _Account((instance_id, node))
+            self._adjust(acc, prefill_s, output_tokens)
+        self._flights[request_id] = _Flight(instance_id, prefill_s, output_tokens, node, acc)
+        self._prefill_s[instance_id] = self._prefill_s.get(instance_id, 0.0) + prefill_s
+        self._tokens[instance_id] = self._tokens.get(instance_id, 0) + output_tokens
+
+    def prefill_done(self, request_id: str) -> int | None:
+        """Stop counting the pending prefill; returns the request's node the first time."""
+        flight = self._flights.get(request_id)
+        if flight is None or flight.is_prefill_done:
+            return None
+        flight.is_prefill_done = True
+        self._prefill_s[flight.instance_id] -= flight.prefill_s
+        self._drain(flight, flight.prefill_s, 0)
+        flight.prefill_s = 0.0
+        return flight.node
+
+    def finished(self, request_id: str) -> None:
+        self.prefill_done(request_id)
+        flight = self._flights.pop(request_id, None)
+        if flight is not None:
+            self._tokens[flight.instance_id] -= flight.output_tokens
+            self._drain(flight, 0.0, flight.output_tokens)
+
+    def cost(self, instance_id: str, tpot_s: float) -> float:
+        """In-flight cost of the work running on the instance."""
+        return self._prefill_s.get(instance_id, 0.0) + self._tokens.get(instance_id, 0) * tpot_s
+
+    def account_cost(self, instance_id: str, tpot_s: float) -> float:
+        """In-flight cost accounted to the instance (moved nodes included)."""
+        return (
+            self._acc_prefill_s.get(instance_id, 0.0)
+            + self._acc_tokens.get(instance_id, 0) * tpot_s
+        )
+
+    def node_cost(self, instance_id: str, node: int, tpot_s: float) -> float:
+        acc = self._accounts.get((instance_id, node))
+        return 0.0 if acc is None else acc.prefill_s + acc.tokens * tpot_s
+
+    def move(self, node: int, src: str, dst: str) -> None:
+        """Account ``node``'s in-flight cost on ``src`` to ``dst`` from now on."""
+        acc = self._accounts.pop((src, node), None)
+        if acc is None:
+            return
+        prefill_s, tokens = acc.prefill_s, acc.tokens
+        self._sum(src, -prefill_s, -tokens)
+        target = self._accounts.get((dst, node))
+        if target is None:
+            acc.key = (dst, node)
+            self._accounts[acc.key] = acc
+            self._sum(dst, prefill_s, tokens)
+        else:
+            acc.prefill_s, acc.tokens, acc.into = 0.0, 0, target
+            self._adjust(target, prefill_s, tokens)
+
+    def _adjust(self, acc: _Account, prefill_s: float, tokens: int) -> None:
+        acc.prefill_s += prefill_s
+        acc.tokens += tokens
+        self._sum(acc.key[0], prefill_s, tokens)
+
+    def _sum(self, instance_id: str, prefill_s: float, tokens: int) -> None:
+        self._acc_prefill_s[instance_id] = self._acc_prefill_s.get(instance_id, 0.0) + prefill_s
+        self._acc_tokens[instance_id] = self._acc_tokens.get(instance_id, 0) + tokens
+
+    def _drain(self, flight: _Flight, prefill_s: float, tokens: int) -> None:
+        if flight.account is None:
+            return
+        acc = flight.account.resolve()
+        self._adjust(acc, -prefill_s, -tokens)
+        if acc.tokens <= 0 and acc.prefill_s <= 1e-12 and self._accounts.get(acc.key) is acc:
+            del self._accounts[acc.key]
+
+    def check_consistency(self) -> None:
+        for iid, total in self._prefill_s.items():
+            expect = sum(f.prefill_s for f in self._flights.values() if f.instance_id == iid)
+            assert abs(total - expect) < 1e-6, f"pending prefill time of {iid} drifted"
+        for iid, tokens in self._tokens.items():
+            expect_tokens = sum(
+                f.output_tokens for f in self._flights.values() if f.instance_id == iid
+            )
+            assert tokens == expect_tokens, f"in-flight output tokens of {iid} drifted"
+        for iid, total in self._acc_prefill_s.items():
+            expect = sum(a.prefill_s for a in self._accounts.values() if a.key[0] == iid)
+            assert abs(total - expect) < 1e-6, f"accounted prefill time of {iid} drifted"
