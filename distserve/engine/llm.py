@@ -118,7 +118,10 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         try:
             while len(done) < len(order):
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                if not outputs and not self.engine.scheduler.running:
+                    raise RuntimeError("the engine has waiting requests but can schedule none")
+                for out in outputs:
                     state = states[out.request_id]
                     finish = out.finish_reason
                     delta = state.detok.add(out.new_token_ids, final=finish is not None)

@@ -316,9 +316,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         ops, self._transfer_ops = self._transfer_ops, []
         if batch.is_empty and not ops and not self._transfers:
-            if self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("scheduler has waiting requests but could schedule none")
-            return []
+            return []  # nothing can run now (e.g. a prefill pool full of leased blocks)
         inputs, sampling = None, []
         if not batch.is_empty:
             block_tables = [self.kv.block_ids(r.request_id) for r in batch.requests]
