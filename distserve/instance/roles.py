@@ -148,17 +148,22 @@ class PrefillRole(RoleHandler):
 
     def pull(self, desc: TransferDescriptor) -> None:
         """Decode asked for ``desc``: send it from every rank, or a VOID send if the KV is gone."""
+        # Every pull is answered, with the KV or with a VOID send of the right size: the decode
+        # side has posted receives, and its link would stall behind an unanswered seq_no.
         lease = self.leases.get(desc.transfer_id)
-        if lease is None or lease.is_sending:
-            reason = "already sent" if lease else "lease expired or released"
+        reason = None
+        if lease is None:
+            reason = "lease expired or released"
+        elif lease.is_sending:
+            reason = "already sent"
+        elif desc.num_blocks != len(lease.block_ids):
+            reason = f"pull of {desc.num_blocks} blocks for a lease of {len(lease.block_ids)}"
+        if reason is not None or lease is None:
+            logger.warning("answering pull %s with a void send: %s", desc.transfer_id, reason)
             self.engine.queue_transfer_op(
-                TransferOp("void_send", desc.transfer_id, desc, reason=reason)
+                TransferOp("void_send", desc.transfer_id, desc, reason=reason or "")
             )
             return
-        if desc.num_blocks != len(lease.block_ids):
-            raise ValueError(
-                f"pull of {desc.num_blocks} blocks for a lease of {len(lease.block_ids)}"
-            )
         lease.is_sending = True
         self.leases.move_to_end(desc.transfer_id)
         self.engine.queue_transfer_op(TransferOp("send", desc.transfer_id, desc, lease.block_ids))
