@@ -7,6 +7,10 @@ also when tests fail.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import grpc
 import pytest
 
@@ -34,6 +38,40 @@ def make_cluster(model_path, **sections) -> LocalCluster:
         config.setdefault(role, {"instances": 0})
         config[role].setdefault("num_threads", 1)
     return LocalCluster(cluster_config_from_dict(config), log_level="WARNING")
+
+
+def _cluster_processes() -> set[int]:
+    """Live processes started from this test process that run distserve."""
+    me, found = os.getpid(), set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and b"distserve" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory):
+    """After every e2e test has run: no cluster process and no cluster temp folder remains.
+
+    Clusters of this session make their temporary folders in a private directory, so the check
+    sees exactly what this session created.
+    """
+    private = tmp_path_factory.mktemp("cluster-tmp")
+    saved, tempfile.tempdir = tempfile.tempdir, str(private)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+    left = sorted(p.name for p in private.glob("distserve-*"))
+    assert not left, f"temporary folders left behind: {left}"
+    assert not _cluster_processes(), "cluster processes outlived the tests"
 
 
 @pytest.fixture(scope="session")

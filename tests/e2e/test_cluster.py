@@ -187,3 +187,17 @@ def test_every_instance_serves_prometheus_metrics_that_move(cluster):
     assert any(name == "vllm:kv_cache_usage_perc" for name, _ in decode)
     router = samples(f"{cluster.http_url}/metrics")
     assert router[("distserve_kv_transfer_bytes_total", ())] > 0
+
+
+def test_router_serves_health_and_reflection(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster.grpc_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
+        names = {s.name for s in response.list_services_response.service}
+    assert {"distserve.v1.Generation", "grpc.health.v1.Health"} <= names
