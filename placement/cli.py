@@ -115,6 +115,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="attainment plot (default: OUT.png)")
     p.add_argument("--colocated-out", default=None, help="also write the colocated YAML here")
     p.add_argument("--quick", action="store_true", help="fewer simulated requests and units")
+    p.add_argument("--jobs", type=int, default=1, help="processes for the rate searches")
     p.add_argument("--disable-tqdm", action="store_true")
 
 
@@ -186,6 +187,7 @@ def run_plan(args: argparse.Namespace) -> int:
             args.max_pp,
             links,
             progress,
+            args.jobs,
         )
     finally:
         if bar is not None:

@@ -1,0 +1,305 @@
+"""Validate the planner on this machine: profile, plan for 2 devices, run both clusters, compare.
+
+Stages (each result is kept in ``--workdir``; a rerun skips what exists, ``--fresh`` redoes all):
+
+1. model     a small random Llama (``--shape medium``: the demo architecture at 4 layers × 256
+             hidden, so the engine, not RPC, dominates a step; ``--shape demo``: the demo model)
+2. profile   ``distserve profile`` on TP 1 and 2, ranks pinned to cores 0 and 1
+3. plan      ``make_plan`` for 2 devices (one node of 2 pinned cores); SLOs ``auto`` = a multiple
+             of the profiled prefill and decode times (printed); writes both YAMLs
+4. bench     the planned cluster and the best colocated cluster, each started with
+             ``LocalCluster`` from its YAML (cores pinned), loaded by ``distserve bench``
+             (``--dataset random``) at the same rates around the predicted goodputs
+5. compare   the simulator on exactly the bench's requests (same lengths, same arrival times)
+             vs the measured attainment at every rate — with the raw profile, and calibrated
+             by the serving stack's per-step overhead measured in a separate low-rate run
+             (``placement_validate_sim.py``); measured goodput, disaggregated vs colocated;
+             prints a table and writes JSON
+
+The router and the bench client are not pinned: they share the two cores with the instances
+(and with anything else running on the machine, whose load average is recorded).
+
+    python benchmarks/placement_validate.py [--quick] [--workdir DIR] [--out results/placement_validate.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from placement_validate_sim import (
+    bench_lengths,
+    bench_workload,
+    calibrated,
+    overheads,
+    simulate,
+)
+
+from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
+from placement.profile_format import load_profile, save_profile
+from placement.workload import from_lengths
+
+MEDIUM = {"layers": 4, "hidden_size": 256, "heads": 4, "kv_heads": 2, "intermediate_size": 688}
+
+
+def stage_model(args: argparse.Namespace, work: Path) -> Path:
+    if args.shape == "demo":
+        from distserve.launch.serve import demo_model_path
+
+        return demo_model_path()
+    path = work / "model"
+    if not (path / "config.json").exists():
+        from distserve.model.tiny_model import make_tiny_model
+
+        make_tiny_model(path, arch="llama", seed=0, preset="tiny", **MEDIUM)
+    return path
+
+
+def stage_profile(args: argparse.Namespace, work: Path, model: Path) -> Path:
+    path = work / "profile.json"
+    if not path.exists():
+        from placement.profiler import ProfileOptions, run_profiler
+
+        opts = ProfileOptions(
+            str(model), "validate", tps=(1, 2), quick=args.quick, kv_cache_gib=0.25,
+            max_prompt_len=512, max_batch_size=64, cores=(0, 1),
+        )  # fmt: skip
+        profile, report = run_profiler(opts)
+        save_profile(profile, path)
+        print(report)
+    return path
+
+
+def lengths(args: argparse.Namespace, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return bench_lengths(args.input_len, args.output_len, args.range_ratio, n, seed)
+
+
+def placement_dict(p: Placement) -> dict[str, Any]:
+    def cfg(c: PhaseConfig | None, n: int) -> list[int] | None:
+        return None if c is None else [c.tp, c.pp, n]
+
+    return {
+        "prefill": cfg(p.prefill, p.num_prefill),
+        "decode": cfg(p.decode, p.num_decode),
+        "colocated": cfg(p.colocated, p.num_colocated),
+        "transfer_bytes_per_s": p.transfer_bytes_per_s,
+    }
+
+
+def placement_from(d: dict[str, Any]) -> Placement:
+    kw: dict[str, Any] = {"transfer_bytes_per_s": d["transfer_bytes_per_s"]}
+    for role in ("prefill", "decode", "colocated"):
+        if d[role]:
+            tp, pp, n = d[role]
+            kw[role], kw[f"num_{role}"] = PhaseConfig(tp, pp), n
+    return Placement(**kw)
+
+
+def stage_plan(args: argparse.Namespace, work: Path, profile_path: Path) -> dict[str, Any]:
+    path = work / "plan.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from placement.output import cluster_yaml, summary_text, write_yaml
+    from placement.planner import make_plan
+    from placement.search import ClusterShape
+
+    profile = load_profile(profile_path)
+    model = profile.model("validate")
+    lat = model.latency(1)
+    ttft, tpot = args.ttft_slo, args.tpot_slo
+    if ttft is None:  # a few prefills of the mean prompt: queueing has to be managed
+        ttft = round(4 * lat.prefill_ms([args.input_len]) / 1e3, 3)
+    if tpot is None:  # room for a decode batch of 16 and some interference
+        ctx = 16 * (args.input_len + args.output_len)
+        tpot = round(2.5 * lat.decode_ms(16, ctx) / 1e3, 4)
+    ins, outs = lengths(args, args.plan_requests, seed=1000 + args.seed)
+    workload = from_lengths("bench-random", ins, outs, seed=1000 + args.seed)
+    slo = SLO(ttft, tpot, 0.9)
+    two_devices = ClusterShape(gpus_per_node=2, num_nodes=1)
+    plan = make_plan(profile, "validate", workload, slo, two_devices, gpus=2)
+    print(summary_text(plan))
+    if plan.colocated is None:
+        raise SystemExit("no colocated cluster meets the SLOs at any rate: nothing to compare")
+    out = {"slo": vars(slo), "settings": vars(plan.settings), "clusters": {}}
+    for name, sized, budget in (
+        ("disaggregated", plan.chosen, None),
+        ("colocated", plan.colocated, plan.colocated_budget),
+    ):
+        data = cluster_yaml(
+            plan, sized.placement, str(model.path), "cpu", model.kv_cache_memory_gib
+        )
+        write_yaml(data, work / f"{name}.yaml", f"{name}: {sized.placement}")
+        out["clusters"][name] = {
+            "placement": placement_dict(sized.placement),
+            "label": str(sized.placement),
+            "predicted_goodput_per_s": sized.predicted_rate_per_s,
+            "colocated_budget": budget,
+        }
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def rate_grid(plan: dict[str, Any], points: int) -> list[float]:
+    preds = [c["predicted_goodput_per_s"] for c in plan["clusters"].values()]
+    lo, hi = 0.5 * min(preds), 1.5 * max(preds)
+    return [round(lo * (hi / lo) ** (i / (points - 1)), 3) for i in range(points)]
+
+
+def stage_bench(
+    args: argparse.Namespace, work: Path, name: str, plan: dict[str, Any], rates: list[float]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One cluster session: a calibration run at ``calibration_rate`` then the rate sweep."""
+    paths = work / f"calib_{name}.json", work / f"bench_{name}.json"
+    if all(p.exists() for p in paths):
+        return json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
+    from distserve.launch.cluster_config import cluster_config_from_dict
+    from distserve.launch.local_cluster import LocalCluster
+
+    data = yaml.safe_load((work / f"{name}.yaml").read_text())
+    data["router"].update(grpc_port=0, http_port=None)
+    config = cluster_config_from_dict(data)
+    runs = (
+        (paths[0], [calibration_rate(plan)], args.calibration_prompts),
+        (paths[1], rates, args.num_prompts),
+    )
+    with LocalCluster(config, log_dir=work / "logs" / name, log_level="WARNING") as cluster:
+        for path, sweep, n in runs:
+            load_before = os.getloadavg()
+            cmd = [
+                sys.executable, "-m", "distserve.cli", "bench",
+                "--endpoint", f"grpc://{cluster.grpc_address}", "--dataset", "random",
+                "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+                "--range-ratio", str(args.range_ratio), "--num-prompts", str(n),
+                "--rates", ",".join(str(r) for r in sweep), "--seed", str(args.seed),
+                "--ttft-slo", str(plan["slo"]["ttft_s"]), "--tpot-slo", str(plan["slo"]["tpot_s"]),
+                "--num-devices", "2", "--warmup-requests", "4", "--save-requests",
+                "--disable-tqdm", "--out", str(path) + ".partial",
+            ]  # fmt: skip
+            subprocess.run(cmd, check=True)
+            report = json.loads(Path(str(path) + ".partial").read_text())
+            report["load_avg"] = {"before": load_before, "after": os.getloadavg()}
+            path.write_text(json.dumps(report, indent=1))
+            os.unlink(str(path) + ".partial")
+    return json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
+
+
+def calibration_rate(plan: dict[str, Any]) -> float:
+    """A rate low enough that nothing queues: a fifth of the lower predicted goodput."""
+    return round(0.2 * min(c["predicted_goodput_per_s"] for c in plan["clusters"].values()), 3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/placement_validate")
+    ap.add_argument("--shape", choices=["medium", "demo"], default="medium")
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--range-ratio", type=float, default=0.5)
+    ap.add_argument("--num-prompts", type=int, default=80)
+    ap.add_argument("--calibration-prompts", type=int, default=16)
+    ap.add_argument("--plan-requests", type=int, default=600)
+    ap.add_argument("--rates", type=int, default=5, help="rates per cluster")
+    ap.add_argument("--ttft-slo", type=float, default=None, help="seconds (default: auto)")
+    ap.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: auto)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="quick profile, 3 rates, 40 prompts")
+    ap.add_argument("--fresh", action="store_true", help="redo every stage")
+    ap.add_argument("--out", default="results/placement_validate.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.rates, args.num_prompts = 3, 40
+    work = Path(args.workdir)
+    if args.fresh and work.exists():
+        for f in work.glob("*.json"):
+            f.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    model = stage_model(args, work)
+    profile_path = stage_profile(args, work, model)
+    plan = stage_plan(args, work, profile_path)
+    rates = rate_grid(plan, args.rates)
+    profile = load_profile(profile_path)
+    slo = SLO(**plan["slo"])
+    rows, summary = [], {}
+    for name, c in plan["clusters"].items():
+        calib, report = stage_bench(args, work, name, plan, rates)
+        settings = SimSettings(**plan["settings"])
+        if c["colocated_budget"]:
+            settings = replace(settings, colocated_token_budget=c["colocated_budget"])
+        model, p = profile.model("validate"), placement_from(c["placement"])
+        low = float(calib["results"][0]["rate_per_s"])
+        cal_sim = simulate(
+            model, slo, settings, p,
+            bench_workload(lengths(args, args.calibration_prompts, args.seed), low, args.seed), low,
+        )  # fmt: skip
+        dt_prefill, dt_decode = overheads(calib["results"][0], cal_sim)
+        tuned = calibrated(model, dt_prefill, dt_decode)
+        lens = lengths(args, args.num_prompts, args.seed)
+        for i, r in enumerate(report["results"]):
+            rate = float(r["rate_per_s"])
+            workload = bench_workload(lens, rate, args.seed + i)
+            raw = simulate(model, slo, settings, p, workload, rate)
+            cal = simulate(tuned, slo, settings, p, workload, rate)
+            rows.append({
+                "cluster": name, "placement": c["label"], "rate_per_s": rate,
+                "measured": r["slo_attainment"], "simulated": raw["attainment"],
+                "simulated_calibrated": cal["attainment"],
+                "measured_p50_ttft_s": r["ttft_s"]["median"], "simulated_p50_ttft_s": raw["p50_ttft_s"],
+                "measured_p50_tpot_s": r["tpot_s"]["median"], "simulated_p50_tpot_s": raw["p50_tpot_s"],
+                "errors": r["num_errors"],
+            })  # fmt: skip
+        summary[name] = {
+            "placement": c["label"],
+            "predicted_goodput_per_s": c["predicted_goodput_per_s"],
+            "measured_goodput_per_s": report["goodput"]["rate_per_s"],
+            "measured_note": report["goodput"]["note"],
+            "calibration": {"rate_per_s": low, "prefill_overhead_ms": dt_prefill,
+                            "decode_overhead_ms": dt_decode},
+            "load_avg": {"calibration": calib["load_avg"], "sweep": report["load_avg"]},
+        }  # fmt: skip
+    print_table(rows, summary, plan)
+    result = {"benchmark": "placement_validate", "date": time.strftime("%Y-%m-%d"),
+              "machine": os.uname().nodename, "cpus": os.cpu_count(), "args": vars(args),
+              "plan": plan, "rates": rates, "rows": rows, "summary": summary}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[str, Any]) -> None:
+    slo = plan["slo"]
+    print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
+    print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (calibrated) "
+          "| p50 TTFT meas/sim (ms) | p50 TPOT meas/sim (ms) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        m, raw, cal = r["measured"], r["simulated"], r["simulated_calibrated"]
+        print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {raw:.3f} ({100 * (raw - m):+.0f}) "
+              f"| {cal:.3f} ({100 * (cal - m):+.0f}) | {1e3 * r['measured_p50_ttft_s']:.0f} / "
+              f"{1e3 * r['simulated_p50_ttft_s']:.0f} | {1e3 * r['measured_p50_tpot_s']:.1f} / "
+              f"{1e3 * r['simulated_p50_tpot_s']:.1f} |")  # fmt: skip
+    for name, s in summary.items():
+        measured = s["measured_goodput_per_s"]
+        shown = (
+            "none"
+            if measured is None or (isinstance(measured, float) and math.isnan(measured))
+            else f"{measured:.2f}"
+        )
+        cal = s["calibration"]
+        print(f"{name}: {s['placement']} predicted {s['predicted_goodput_per_s']:.2f} req/s, "
+              f"measured {shown} req/s ({s['measured_note']}); live overhead per step: prefill "
+              f"{cal['prefill_overhead_ms']:.1f} ms, decode {cal['decode_overhead_ms']:.1f} ms")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
