@@ -1,9 +1,9 @@
 """KV-cache transfer from prefill ranks to decode ranks over torch.distributed point-to-point.
 
-Owns the byte movement of a pull (gather → isend/irecv → scatter), its ordering and its
-failure handling, on every rank of both instances. It does not own the control channel (the
-instance's gRPC code carries :class:`TransferDescriptor` and the block ids), block allocation or
-leases (the schedulers), nor the process group (the launcher).
+Owns the byte movement of a pull (gather → isend/irecv → scatter, pipelined in chunks), its
+ordering and its failure handling, on every rank of both instances. It does not own the control
+channel (the instance's gRPC code carries :class:`TransferDescriptor` and the block ids), block
+allocation or leases (the schedulers), nor the process group (the launcher).
 
 A pull, as the rest of the engine drives it::
 
@@ -14,7 +14,7 @@ A pull, as the rest of the engine drives it::
     gRPC "send desc" ─────────────────────────────────────────────────────────────────▶ (lease valid?)
                                                             start_send(desc, ids) ◀── yes
                                                             start_void_send(desc) ◀── no
-                                    ◀═══ one message per (prefill rank, decode rank) ═══
+                                    ◀══ chunks of each (prefill rank, decode rank) pair ══
     each step: poll() on every rank; a transfer is over for an instance when all its
     ranks reported it. decode: DONE → request joins the batch; FAILED/CANCELLED → free
     the blocks, retry or fail the request. prefill: any result → drop the lease.
@@ -29,7 +29,28 @@ Each engine step, a rank's worker calls (never blocking, at most one call per ne
 
 Blocks are freed only after the rank's ``poll()`` returned the transfer's result. Ordering, the
 VOID message and cancellation are explained in ``sender.py`` and ``receiver.py``; the byte
-layout in ``wire.py``; which heads go where in ``plan.py``.
+layout in ``wire.py``; which heads go where in ``plan.py``; how a pair is cut into chunks in
+``chunking.py``.
+
+Pipelining and threads. Each pair's share of a transfer travels as several messages (chunks of
+about ``chunk_bytes``, 4 MB by default; both ends must use the same value), strictly in
+(``seq_no``, chunk) order, so that the copies at either end overlap the wire::
+
+    prefill engine thread   gather c0 │ gather c1 │ gather c2 │ …        (inside start_send)
+    gloo I/O threads                  │ wire c0   │ wire c1   │ wire c2 │ …
+    decode waiter thread                          │ scatter c0│ scatter c1│ scatter c2
+
+- prefill rank, CPU: ``start_send`` gathers chunk after chunk on the calling thread and posts
+  each chunk's ``isend`` as soon as it is gathered (when it is that destination's turn); gloo's
+  own I/O thread writes it to the socket while the next chunk is gathered. With a CUDA cache the
+  gathers are queued on a side stream instead and issued from ``poll()`` as their events pass.
+- decode rank: all chunk receives are posted by ``post_recv``. With gloo, the backend's waiter
+  thread for that prefill rank checks each chunk's header and scatters it as soon as it is in,
+  while gloo's I/O thread fills the next chunk; with nccl that happens inside ``poll()`` on the
+  transfer stream. ``cancel`` and the scatter of a chunk meet at one short lock, never held
+  during a copy (``recv_commit.py``).
+- ``poll()`` on either side never waits for a thread or the wire; with gloo it only reads flags
+  and reports results (with nccl it also queues the scatters of chunks that arrived).
 """
 
 from __future__ import annotations
