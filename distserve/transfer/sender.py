@@ -19,10 +19,11 @@ robin over the destinations, and issues each chunk as soon as it is gathered whe
 destination's turn, so the wire carries chunk k while the calling thread gathers chunk k+1.
 
 Threads: on CPU every gather runs on the calling (engine) thread inside ``start_send``, as the
-unchunked gather did; the bytes are written to the socket by gloo's own I/O thread, and the
-backend's per-peer waiter thread only notices completions. On CUDA the gathers are queued on the
-transfer stream and a chunk is issued by the first ``start_send``/``poll`` that finds its
-gather fence passed.
+unchunked gather did. Issuing a chunk only queues it: with gloo the backend's send thread for
+that destination posts the ``isend`` — whose socket write is a copy as long as a gather — and
+waits on it, while this thread gathers the next chunk (``torch_backends.py``). On CUDA the
+gathers are queued on the transfer stream and a chunk is issued by the first
+``start_send``/``poll`` that finds its gather fence passed.
 
 Ordering. A decode rank posts its receives in (``seq_no``, chunk) order and every backend
 matches a pair's messages first-posted-first-matched, so the sender issues chunk c of ``seq_no``

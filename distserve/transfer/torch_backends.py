@@ -11,11 +11,14 @@ group exists, and its init, belong to the launcher.
   ``wait()``s that peer's ops in posting order (the order they complete in: one TCP connection,
   first-posted-first-matched) and flags them done; ``wait()`` releases the GIL.
 
-  Sends are also *posted* by that thread, in the order ``isend`` was called (its queue is FIFO,
-  so a pair's order is unchanged): gloo's ``isend`` writes as much of the message into the
-  socket as it takes before returning — about 2 ms of copying per 4 MB on the test machine —
-  and on the engine thread that copy would run after, not during, the gather of the next chunk.
-  Receives are posted at once by the caller (posting one copies nothing). A receive's
+  Sends are *posted* by a second thread per peer, in the order ``isend`` was called (its queue
+  is FIFO, so a pair's order is unchanged), which hands each posted op to the peer's send
+  waiter. Gloo sizes the socket's send buffer to the message and writes it in place inside
+  ``isend`` — about 2 ms of copying per 4 MB chunk on the test machine — so on the engine
+  thread that copy would run after, not during, the gather of the next chunk; and a thread that
+  posted only after waiting for the previous send would leave the socket idle for a wake-up
+  between chunks, whereas gloo queues a send posted during the previous one's write and writes
+  it right after. Receives are posted at once by the caller (posting one copies nothing). A receive's
   ``on_arrival`` hook (the receiver's header check and scatter of that chunk) runs on its
   thread right after the wait, so a chunk is scattered while the next one is still on the wire
   and however rarely the engine polls; gloo's own I/O thread keeps filling the next posted
@@ -90,9 +93,16 @@ class _WaitedOp(PendingOp):
     """A gloo op that a :class:`_PeerWaiter` thread posts (sends) and waits for."""
 
     def __init__(
-        self, post: Callable[[], Any], what: str, on_arrival: ArrivalHook | None = None
+        self,
+        what: str,
+        *,
+        work: Any = None,
+        post: Callable[[], Any] | None = None,
+        on_arrival: ArrivalHook | None = None,
     ) -> None:
-        self.post = post  # returns the op's Work; called once, on the peer's thread
+        assert (work is None) != (post is None), "an op is either posted or to be posted"
+        self.work = work  # the posted op's Work
+        self.post = post  # posts the op and returns its Work; called once, on a peer thread
         self.what = what
         self.on_arrival = on_arrival
         self.error: str | None = None
@@ -107,11 +117,13 @@ class _WaitedOp(PendingOp):
 
 
 class _PeerWaiter:
-    """One daemon thread posting (if not yet posted) and then waiting on, in order, the gloo
-    ops to or from one peer."""
+    """One daemon thread that, in order, posts (when not posted yet) and then waits on the gloo
+    ops to or from one peer, and flags each done. With ``forward_to``, it only posts and hands
+    each op on to that waiter."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, forward_to: _PeerWaiter | None = None) -> None:
         self._ops: queue.SimpleQueue[_WaitedOp | None] = queue.SimpleQueue()
+        self._forward_to = forward_to
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -124,12 +136,20 @@ class _PeerWaiter:
     def _run(self) -> None:
         while (op := self._ops.get()) is not None:
             try:
-                op.post().wait(_GLOO_WAIT)
+                if op.work is None:
+                    assert op.post is not None
+                    op.work = op.post()
+                if self._forward_to is not None:
+                    self._forward_to.add(op)
+                    continue
+                op.work.wait(_GLOO_WAIT)
             except Exception as err:  # gloo raises RuntimeError subclasses
                 op.error = f"{op.what} failed: {err}"
             else:
                 op.error = run_arrival_hook(op.on_arrival, op.what)
             op.finished.set()
+        if self._forward_to is not None:
+            self._forward_to.stop()
 
 
 class _TorchP2PBackend(TransferBackend):
@@ -169,34 +189,36 @@ class GlooBackend(_TorchP2PBackend):
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(group)
-        self._waiters: dict[tuple[int, bool], _PeerWaiter] = {}
+        self._posters: dict[int, _PeerWaiter] = {}  # peer -> its send thread (then waiter)
+        self._waiters: dict[int, _PeerWaiter] = {}  # peer -> its receive waiter
 
     def wire_device(self, cache_device: torch.device) -> torch.device:
         return torch.device("cpu")
 
     def close(self) -> None:
-        for waiter in self._waiters.values():
-            waiter.stop()
+        for thread in (*self._posters.values(), *self._waiters.values()):
+            thread.stop()  # a poster stops its waiter once it has handed on every op
+        self._posters.clear()
         self._waiters.clear()
 
     def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
         # Posted by the peer's send thread: see the module docstring.
         post = functools.partial(self._post_send, message, peer_rank)
-        return self._wait_on(_WaitedOp(post, self._what(message, peer_rank, True)), peer_rank, True)
+        op = _WaitedOp(self._what(message, peer_rank, True), post=post)
+        if peer_rank not in self._posters:
+            waiter = _PeerWaiter(f"kv-transfer-send-wait-{peer_rank}")
+            self._posters[peer_rank] = _PeerWaiter(f"kv-transfer-send-to-{peer_rank}", waiter)
+        self._posters[peer_rank].add(op)
+        return op
 
     def irecv(
         self, message: torch.Tensor, peer_rank: int, on_arrival: ArrivalHook | None = None
     ) -> PendingOp:
         work = self._post_recv(message, peer_rank)
-        op = _WaitedOp(lambda: work, self._what(message, peer_rank, False), on_arrival)
-        return self._wait_on(op, peer_rank, False)
-
-    def _wait_on(self, op: _WaitedOp, peer_rank: int, is_send: bool) -> PendingOp:
-        key = (peer_rank, is_send)
-        if key not in self._waiters:
-            direction = "send-to" if is_send else "recv-from"
-            self._waiters[key] = _PeerWaiter(f"kv-transfer-{direction}-{peer_rank}")
-        self._waiters[key].add(op)
+        op = _WaitedOp(self._what(message, peer_rank, False), work=work, on_arrival=on_arrival)
+        if peer_rank not in self._waiters:
+            self._waiters[peer_rank] = _PeerWaiter(f"kv-transfer-recv-from-{peer_rank}")
+        self._waiters[peer_rank].add(op)
         return op
 
 
