@@ -1,13 +1,19 @@
 """Paged attention with PyTorch ``scaled_dot_product_attention``; runs on CPU and GPU.
 
-A step's sequences are split into two groups when the plan is built (once per step, from the
+A step's sequences are split into two kinds when the plan is built (once per step, from the
 host-side lists in the metadata, so there is no device→host sync):
 
-* **decode** (one new token each): one ``index_select`` gathers every such sequence's blocks into
-  a padded ``[B, kv_heads, max_blocks * block_size, head_dim]`` batch and one SDPA call attends
-  with a key-padding mask. The query heads sharing a KV head are laid out as that head's query
-  rows (``[B, kv_heads, group, head_dim]``), which handles GQA/MQA without copying K/V and
-  measured fastest on CPU.
+* **decode** (one new token each): the sequences are cut into groups of similar length (each
+  sequence needs at least ``_MIN_GROUP_FILL`` of its group's longest one's blocks); per group one
+  ``index_select`` gathers their blocks into a padded ``[B, kv_heads, num_keys, head_dim]`` batch
+  and one SDPA call attends, with a key-padding mask only when their lengths differ. Grouping
+  keeps the padding gathered and attended small when lengths are mixed (one group gathering every
+  sequence to the longest one read about twice the real KV at batch 32). The gather writes into a
+  buffer the backend keeps across layers and steps (one layer's largest group): on CPU a fresh
+  tensor of tens of MB page-faults on first touch, which cost more than the copy itself. The
+  query heads sharing a KV head are laid out as that head's query rows
+  (``[B, kv_heads, group, head_dim]``), which handles GQA/MQA without copying K/V and measured
+  fastest on CPU.
 * **prefill** (several new tokens): one SDPA per sequence. A first chunk attends to its own fresh
   keys with ``is_causal``; a later chunk gathers its cached context and uses a causal mask
   shifted by the number of cached tokens.
@@ -19,6 +25,7 @@ matmul, so the engine must allocate the cache with finite values (``torch.zeros`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +34,18 @@ import torch.nn.functional as F
 from distserve.model.attention.base import AttentionBackend, write_kv
 from distserve.model.attention_metadata import AttentionMetadata
 
+# A decode group's sequences each need at least this share of its longest sequence's blocks, so
+# padding is under a quarter of what a group gathers; each group costs one gather + SDPA a layer.
+_MIN_GROUP_FILL = 0.75
+
 
 @dataclass
 class _DecodeGroup:
-    rows: torch.Tensor | None  # flat-batch rows of the decode tokens; None: all rows, in order
+    rows: torch.Tensor | None  # flat-batch rows of this group's tokens; None: all rows, in order
     block_ids: torch.Tensor  # [num_seqs * num_blocks] cache blocks to gather, sequence-major
-    num_blocks: int  # blocks gathered per sequence (enough for the longest one)
-    key_mask: torch.Tensor  # bool [num_seqs, 1, 1, num_blocks * block_size]: True = real token
+    num_keys: int  # keys attended per sequence: the longest sequence's length
+    key_mask: torch.Tensor | None  # bool [num_seqs, 1, 1, num_keys]: True = real token;
+    # None when every sequence of the group has num_keys tokens
 
 
 @dataclass
@@ -48,7 +60,7 @@ class _PrefillSeq:
 @dataclass
 class _SdpaPlan:
     attn: AttentionMetadata
-    decode: _DecodeGroup | None
+    decodes: list[_DecodeGroup]
     prefills: list[_PrefillSeq]
 
 
@@ -58,6 +70,9 @@ class SdpaBackend(AttentionBackend):
     @classmethod
     def is_available(cls, device: torch.device) -> bool:
         return True
+
+    def __init__(self) -> None:
+        self._gather_buffer = torch.empty(0)  # decode gathers land here; grows, never shrinks
 
     def prepare(self, attn: AttentionMetadata) -> _SdpaPlan:
         starts = [0]
@@ -69,26 +84,31 @@ class SdpaBackend(AttentionBackend):
             for i, n in enumerate(attn.query_lens_cpu)
             if n > 1
         ]
-        decode = self._plan_decode(attn, decode_ids, starts) if decode_ids else None
-        return _SdpaPlan(attn, decode, prefills)
+        decodes = [
+            self._plan_decode(attn, group, starts)
+            for group in _group_by_length(decode_ids, attn.seq_lens_cpu, attn.block_size)
+        ]
+        return _SdpaPlan(attn, decodes, prefills)
 
     @staticmethod
     def _plan_decode(
         attn: AttentionMetadata, seq_ids: list[int], starts: list[int]
     ) -> _DecodeGroup:
         device = attn.block_tables.device
-        bs = attn.block_size
-        num_blocks = -(-max(attn.seq_lens_cpu[i] for i in seq_ids) // bs)
+        lens = [attn.seq_lens_cpu[i] for i in seq_ids]
+        num_keys = max(lens)
         if len(seq_ids) == attn.num_seqs:
             rows, block_tables, seq_lens = None, attn.block_tables, attn.seq_lens
         else:
             rows = torch.tensor([starts[i] for i in seq_ids], device=device)
             index = torch.tensor(seq_ids, device=device)
             block_tables, seq_lens = attn.block_tables[index], attn.seq_lens[index]
-        key_pos = torch.arange(num_blocks * bs, device=device)
-        key_mask = key_pos[None, :] < seq_lens[:, None]
-        block_ids = block_tables[:, :num_blocks].reshape(-1)
-        return _DecodeGroup(rows, block_ids, num_blocks, key_mask[:, None, None, :])
+        key_mask = None
+        if min(lens) < num_keys:
+            key_pos = torch.arange(num_keys, device=device)
+            key_mask = (key_pos[None, :] < seq_lens[:, None])[:, None, None, :]
+        block_ids = block_tables[:, : -(-num_keys // attn.block_size)].reshape(-1)
+        return _DecodeGroup(rows, block_ids, num_keys, key_mask)
 
     @staticmethod
     def _plan_prefill(attn: AttentionMetadata, i: int, token_start: int) -> _PrefillSeq:
@@ -113,34 +133,58 @@ class SdpaBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         write_kv(kv_cache_layer, key, value, plan.attn.slot_mapping)
-        decode = plan.decode
-        if decode is not None and decode.rows is None:
-            return _decode(query, kv_cache_layer, decode, scale)
+        decodes = plan.decodes
+        if len(decodes) == 1 and decodes[0].rows is None:
+            return self._decode(query, kv_cache_layer, decodes[0], scale)
         out = torch.empty_like(query)
-        if decode is not None:
-            assert decode.rows is not None
-            decoded = _decode(query.index_select(0, decode.rows), kv_cache_layer, decode, scale)
-            out.index_copy_(0, decode.rows, decoded)
+        for group in decodes:
+            assert group.rows is not None
+            decoded = self._decode(query.index_select(0, group.rows), kv_cache_layer, group, scale)
+            out.index_copy_(0, group.rows, decoded)
         for seq in plan.prefills:
             rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
             out[rows] = _prefill(query[rows], key[rows], value[rows], kv_cache_layer, seq, scale)
         return out
 
+    def _decode(
+        self, query: torch.Tensor, kv_cache_layer: torch.Tensor, group: _DecodeGroup, scale: float
+    ) -> torch.Tensor:
+        """One new token per sequence: ``query [B, heads, head_dim]`` → same shape."""
+        num_seqs, num_heads, head_dim = query.shape
+        _, _, block_size, num_kv_heads, _ = kv_cache_layer.shape
+        gathered = self._gather_out(
+            (2, group.block_ids.numel(), block_size, num_kv_heads, head_dim), kv_cache_layer
+        )
+        kv = torch.index_select(kv_cache_layer, 1, group.block_ids, out=gathered)
+        kv = kv.view(2, num_seqs, -1, num_kv_heads, head_dim)[:, :, : group.num_keys]
+        kv = kv.transpose(2, 3).to(query.dtype)
+        grouped_query = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(
+            grouped_query, kv[0], kv[1], attn_mask=group.key_mask, scale=scale
+        )
+        return out.reshape(num_seqs, num_heads, head_dim)
 
-def _decode(
-    query: torch.Tensor, kv_cache_layer: torch.Tensor, group: _DecodeGroup, scale: float
-) -> torch.Tensor:
-    """One new token per sequence: ``query [B, heads, head_dim]`` → same shape."""
-    num_seqs, num_heads, head_dim = query.shape
-    _, _, block_size, num_kv_heads, _ = kv_cache_layer.shape
-    max_len = group.num_blocks * block_size
-    kv = kv_cache_layer.index_select(1, group.block_ids)
-    kv = kv.view(2, num_seqs, max_len, num_kv_heads, head_dim).transpose(2, 3).to(query.dtype)
-    grouped_query = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(
-        grouped_query, kv[0], kv[1], attn_mask=group.key_mask, scale=scale
-    )
-    return out.reshape(num_seqs, num_heads, head_dim)
+    def _gather_out(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A ``shape`` view of the gather buffer, reallocated when too small for it."""
+        numel = math.prod(shape)
+        buffer = self._gather_buffer
+        if buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._gather_buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+
+def _group_by_length(seq_ids: list[int], seq_lens: list[int], block_size: int) -> list[list[int]]:
+    """Split decode sequences into groups of similar block counts, each in batch order."""
+    groups: list[list[int]] = []
+    longest = 0  # blocks of the current group's longest sequence
+    for i in sorted(seq_ids, key=lambda i: -seq_lens[i]):
+        num_blocks = -(-seq_lens[i] // block_size)
+        if groups and num_blocks >= longest * _MIN_GROUP_FILL:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            longest = num_blocks
+    return [sorted(group) for group in groups]
 
 
 def _prefill(
