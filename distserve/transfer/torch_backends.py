@@ -7,22 +7,24 @@ group exists, and its init, belong to the launcher.
 - ``gloo`` moves host buffers. With a CUDA cache the sender gathers on the device and copies into
   a pinned host message, and the receiver copies back before scattering (see ``sender.py``).
   Gloo's point-to-point ``Work`` cannot be polled: ``is_completed()`` stays False until someone
-  calls ``wait()``, and it has no future. So each (peer, direction) gets one daemon thread that
-  ``wait()``s that peer's ops in posting order (the order they complete in: one TCP connection,
-  first-posted-first-matched) and flags them done; ``wait()`` releases the GIL.
+  calls ``wait()``, and it has no future. So each (peer, direction) gets one daemon *waiter*
+  thread that ``wait()``s that peer's ops in posting order (the order they complete in: one TCP
+  connection, first-posted-first-matched) and flags them done; ``wait()`` releases the GIL. A
+  receive's ``on_arrival`` hook (the receiver's header check and scatter of that chunk) runs on
+  the receive waiter right after the wait, so a chunk is scattered while the next one is still
+  on the wire and however rarely the engine polls; gloo's own I/O thread keeps filling the next
+  posted receive meanwhile.
 
-  Sends are *posted* by a second thread per peer, in the order ``isend`` was called (its queue
-  is FIFO, so a pair's order is unchanged), which hands each posted op to the peer's send
-  waiter. Gloo sizes the socket's send buffer to the message and writes it in place inside
-  ``isend`` — about 2 ms of copying per 4 MB chunk on the test machine — so on the engine
-  thread that copy would run after, not during, the gather of the next chunk; and a thread that
-  posted only after waiting for the previous send would leave the socket idle for a wake-up
-  between chunks, whereas gloo queues a send posted during the previous one's write and writes
-  it right after. Receives are posted at once by the caller (posting one copies nothing). A receive's
-  ``on_arrival`` hook (the receiver's header check and scatter of that chunk) runs on its
-  thread right after the wait, so a chunk is scattered while the next one is still on the wire
-  and however rarely the engine polls; gloo's own I/O thread keeps filling the next posted
-  receive meanwhile.
+  Sends are also *posted* off the engine thread, by one *poster* thread per peer, in the order
+  ``isend`` was called (a FIFO queue: the pair's order is unchanged), which hands each posted op
+  to the peer's send waiter. Gloo sizes the socket's send buffer to the message and writes it in
+  place inside ``isend`` — about 2 ms of copying per 4 MB chunk on the test machine — so on the
+  engine thread that copy would run after, not during, the gather of the next chunk; and a
+  thread that posted only after waiting for the previous send would leave the socket idle for a
+  wake-up between chunks, whereas gloo queues a send posted during the previous one's write and
+  writes it right after. Only a small send (up to 1 MiB) that finds the poster idle is posted
+  inline: for it the thread hop would cost more than the copy. Receives are always posted by the
+  caller (posting one copies nothing).
 
   The wait is given a very long timeout of its own, because on expiry gloo fails every pair of
   the process group, not just the late op; deadlines are the sender's and receiver's
@@ -60,6 +62,7 @@ from distserve.transfer.backend import (
 
 _TAG = 0  # deliberately constant: see the module docstring
 _GLOO_WAIT = datetime.timedelta(days=7)  # see the module docstring: never let gloo time out first
+DEFAULT_INLINE_POST_MAX_BYTES = (1 << 20) + 64  # sends this small are posted inline when idle
 
 
 class _WorkOp(PendingOp):
@@ -90,7 +93,8 @@ class _WorkOp(PendingOp):
 
 
 class _WaitedOp(PendingOp):
-    """A gloo op that a :class:`_PeerWaiter` thread posts (sends) and waits for."""
+    """A gloo op that a :class:`_PeerWaiter` thread waits for (a :class:`_PeerPoster` posts
+    sends first)."""
 
     def __init__(
         self,
@@ -117,17 +121,15 @@ class _WaitedOp(PendingOp):
 
 
 class _PeerWaiter:
-    """One daemon thread that, in order, posts (when not posted yet) and then waits on the gloo
-    ops to or from one peer, and flags each done. With ``forward_to``, it only posts and hands
-    each op on to that waiter."""
+    """One daemon thread waiting, in posting order, on the gloo ops to or from one peer."""
 
-    def __init__(self, name: str, forward_to: _PeerWaiter | None = None) -> None:
+    def __init__(self, name: str) -> None:
         self._ops: queue.SimpleQueue[_WaitedOp | None] = queue.SimpleQueue()
-        self._forward_to = forward_to
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def add(self, op: _WaitedOp) -> None:
+        assert op.work is not None, "only posted ops are waited on"
         self._ops.put(op)
 
     def stop(self) -> None:
@@ -136,20 +138,58 @@ class _PeerWaiter:
     def _run(self) -> None:
         while (op := self._ops.get()) is not None:
             try:
-                if op.work is None:
-                    assert op.post is not None
-                    op.work = op.post()
-                if self._forward_to is not None:
-                    self._forward_to.add(op)
-                    continue
                 op.work.wait(_GLOO_WAIT)
             except Exception as err:  # gloo raises RuntimeError subclasses
                 op.error = f"{op.what} failed: {err}"
             else:
                 op.error = run_arrival_hook(op.on_arrival, op.what)
             op.finished.set()
-        if self._forward_to is not None:
-            self._forward_to.stop()
+
+
+class _PeerPoster:
+    """One daemon thread posting, in submission order, the sends to one peer, then handing each
+    to the peer's send waiter. A small send finds it idle and is posted inline instead: the
+    thread hop would cost a transfer of one small chunk more than gloo's write does."""
+
+    def __init__(self, name: str, waiter: _PeerWaiter) -> None:
+        self._waiter = waiter
+        self._lock = threading.Lock()
+        self._num_unposted = 0  # under _lock: submitted to the thread and not yet posted
+        self._ops: queue.SimpleQueue[_WaitedOp | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, op: _WaitedOp, may_post_inline: bool) -> None:
+        with self._lock:
+            is_idle = self._num_unposted == 0
+            if not (may_post_inline and is_idle):
+                self._num_unposted += 1
+        if may_post_inline and is_idle:
+            # Nothing is queued or being posted, and only this (the engine) thread submits:
+            # posting here keeps the pair's order.
+            self._post(op)
+        else:
+            self._ops.put(op)
+
+    def stop(self) -> None:
+        self._ops.put(None)
+
+    def _post(self, op: _WaitedOp) -> None:
+        assert op.post is not None
+        try:
+            op.work = op.post()
+        except Exception as err:  # a refused post: nothing is in flight for this op
+            op.error = f"{op.what} failed: {err}"
+            op.finished.set()
+            return
+        self._waiter.add(op)
+
+    def _run(self) -> None:
+        while (op := self._ops.get()) is not None:
+            self._post(op)
+            with self._lock:
+                self._num_unposted -= 1
+        self._waiter.stop()
 
 
 class _TorchP2PBackend(TransferBackend):
@@ -187,17 +227,24 @@ class GlooBackend(_TorchP2PBackend):
     name = "gloo"
     _needs = "gloo"
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        inline_post_max_bytes: int = DEFAULT_INLINE_POST_MAX_BYTES,
+    ) -> None:
         super().__init__(group)
-        self._posters: dict[int, _PeerWaiter] = {}  # peer -> its send thread (then waiter)
+        self._inline_post_max_bytes = inline_post_max_bytes  # see the module docstring
+        self._posters: dict[int, _PeerPoster] = {}  # peer -> its send thread (then waiter)
         self._waiters: dict[int, _PeerWaiter] = {}  # peer -> its receive waiter
 
     def wire_device(self, cache_device: torch.device) -> torch.device:
         return torch.device("cpu")
 
     def close(self) -> None:
-        for thread in (*self._posters.values(), *self._waiters.values()):
-            thread.stop()  # a poster stops its waiter once it has handed on every op
+        for poster in self._posters.values():
+            poster.stop()  # and then its waiter, once it has handed on every op
+        for waiter in self._waiters.values():
+            waiter.stop()
         self._posters.clear()
         self._waiters.clear()
 
@@ -207,8 +254,8 @@ class GlooBackend(_TorchP2PBackend):
         op = _WaitedOp(self._what(message, peer_rank, True), post=post)
         if peer_rank not in self._posters:
             waiter = _PeerWaiter(f"kv-transfer-send-wait-{peer_rank}")
-            self._posters[peer_rank] = _PeerWaiter(f"kv-transfer-send-to-{peer_rank}", waiter)
-        self._posters[peer_rank].add(op)
+            self._posters[peer_rank] = _PeerPoster(f"kv-transfer-send-to-{peer_rank}", waiter)
+        self._posters[peer_rank].submit(op, message.numel() <= self._inline_post_max_bytes)
         return op
 
     def irecv(

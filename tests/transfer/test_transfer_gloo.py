@@ -41,6 +41,7 @@ class Scenario:
     dst_tp: int
     block_counts: tuple[int, ...]
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    is_posted_inline: bool = True  # False: every send goes through the gloo poster thread
 
     @property
     def src_ranks(self) -> tuple[int, ...]:
@@ -62,7 +63,8 @@ class Rank:
         self.control = dist.new_group(backend="gloo")  # every rank, same order
         self.full_src = model_cache(self.spec, NUM_SRC_BLOCKS, seed=1)
         self.full_dst = model_cache(self.spec, NUM_DST_BLOCKS, seed=2)
-        self.backend = backend = create_backend("gloo", torch.device("cpu"))
+        inline_bytes = {} if scenario.is_posted_inline else {"inline_post_max_bytes": 0}
+        self.backend = backend = create_backend("gloo", torch.device("cpu"), **inline_bytes)
         self.is_decode = rank in scenario.dst_ranks
         if self.is_decode:
             self.tp_rank = scenario.dst_ranks.index(rank)
@@ -176,7 +178,8 @@ def test_transfers_arrive_in_posted_order_when_asked_c_a_b(chunk_bytes: int) -> 
     spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
     # different sizes: a send matched to the wrong receive would fail loudly in gloo; with
     # 512-byte blocks and 1100-byte chunks, a, b, c travel as 2, 3 and 5 chunks
-    scenario = Scenario(spec, 1, 1, block_counts=(3, 6, 9), chunk_bytes=chunk_bytes)
+    is_inline = chunk_bytes == DEFAULT_CHUNK_BYTES  # the chunked run uses the poster thread
+    scenario = Scenario(spec, 1, 1, (3, 6, 9), chunk_bytes, is_posted_inline=is_inline)
     run_gloo_world(_asked_out_of_order, 2, scenario)
 
 
@@ -222,7 +225,8 @@ def _cancel_and_void(rank: int, world_size: int, scenario: Scenario) -> None:
 @pytest.mark.parametrize("chunk_bytes", [DEFAULT_CHUNK_BYTES, 1100], ids=["1chunk", "chunked"])
 def test_cancel_after_post_and_void_send_keep_the_pair_working(chunk_bytes: int) -> None:
     spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
-    scenario = Scenario(spec, 1, 1, block_counts=(4, 5, 6, 7), chunk_bytes=chunk_bytes)
+    is_inline = chunk_bytes == DEFAULT_CHUNK_BYTES  # the chunked run uses the poster thread
+    scenario = Scenario(spec, 1, 1, (4, 5, 6, 7), chunk_bytes, is_posted_inline=is_inline)
     run_gloo_world(_cancel_and_void, 2, scenario)
 
 
@@ -234,8 +238,11 @@ def _cancel_mid_stream(rank: int, world_size: int, scenario: Scenario) -> None:
         receiver.post_recv(me.desc(big, 0), big.dst_block_ids)
         receiver.post_recv(me.desc(after, 1), after.dst_block_ids)
         me.handshake()
-        time.sleep(0.005)  # let some chunks land: how many is up to the scheduler
-        assert receiver.cancel("req-0")
+        first = big.dst_block_ids[0]  # chunk 0 holds it; wait until it visibly landed
+        deadline = time.monotonic() + 10.0
+        while torch.equal(receiver._cache[:, :, first], me.initial[:, :, first]):
+            assert time.monotonic() < deadline, "chunk 0 never landed"
+        assert receiver.cancel("req-0")  # later chunks are still on their way, or landing
         results = poll_until(receiver, 2)
         assert _states(results) == {"req-0": TransferState.CANCELLED, "req-1": TransferState.DONE}
         cache, src = receiver._cache, me.full_src
@@ -257,9 +264,9 @@ def _cancel_mid_stream(rank: int, world_size: int, scenario: Scenario) -> None:
 
 
 def test_receiver_cancel_while_chunks_stream_in() -> None:
-    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=64, block_size=16, dtype="float32")
-    # 64 KiB blocks, one per chunk: 40 chunks, some landed and some not when the cancel comes
-    scenario = Scenario(spec, 1, 1, block_counts=(40, 3), chunk_bytes=64 << 10)
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=64, block_size=64, dtype="float32")
+    # 256 KiB blocks, one per chunk: 40 chunks, the first landed when the cancel comes
+    scenario = Scenario(spec, 1, 1, (40, 3), chunk_bytes=256 << 10, is_posted_inline=False)
     run_gloo_world(_cancel_mid_stream, 2, scenario)
 
 
