@@ -182,7 +182,7 @@ def stage_bench(
                 "--range-ratio", str(args.range_ratio), "--num-prompts", str(n),
                 "--rates", ",".join(str(r) for r in sweep), "--seed", str(args.seed),
                 "--ttft-slo", str(plan["slo"]["ttft_s"]), "--tpot-slo", str(plan["slo"]["tpot_s"]),
-                "--num-devices", "2", "--warmup-requests", "4", "--save-requests",
+                "--num-devices", "2", "--warmup-requests", str(args.warmup_requests), "--save-requests",
                 "--disable-tqdm", "--out", str(path) + ".partial",
             ]  # fmt: skip
             subprocess.run(cmd, check=True)
@@ -207,6 +207,9 @@ def main() -> int:
     ap.add_argument("--range-ratio", type=float, default=0.5)
     ap.add_argument("--num-prompts", type=int, default=80)
     ap.add_argument("--calibration-prompts", type=int, default=16)
+    ap.add_argument(
+        "--warmup-requests", type=int, default=24, help="sent (and not measured) before each run"
+    )
     ap.add_argument("--plan-requests", type=int, default=600)
     ap.add_argument("--rates", type=int, default=5, help="rates per cluster")
     ap.add_argument("--ttft-slo", type=float, default=None, help="seconds (default: auto)")

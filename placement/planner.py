@@ -145,6 +145,12 @@ def make_plan(
             count * coloc_unit.rate_per_s,
             "instances × one instance's goodput",
         )
+    if colocated is not None and colocated.predicted_rate_per_s > chosen.predicted_rate_per_s:
+        notes.append(
+            f"the colocated alternative ({colocated.placement}, {colocated.predicted_rate_per_s:.2f}"
+            f" req/s) is predicted to beat the disaggregated plan ({chosen.predicted_rate_per_s:.2f}"
+            " req/s) on these GPUs: write it with --colocated-out and prefer it"
+        )
     layout = rank_layout(chosen.placement, shape.gpus_per_node)
     if layout.straddling:
         notes.append(

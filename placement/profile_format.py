@@ -217,7 +217,8 @@ def from_distserve(data: dict[str, Any], capacity_csv: Path | None) -> HardwareP
         device="cuda",
         device_name="A100-80GB (DistServe's profile)",
         source_format="distserve",
-        **DISTSERVE_A100_BANDWIDTH,
+        intra_node_bytes_per_s=DISTSERVE_A100_BANDWIDTH["intra_node_bytes_per_s"],
+        inter_node_bytes_per_s=DISTSERVE_A100_BANDWIDTH["inter_node_bytes_per_s"],
     )
 
 

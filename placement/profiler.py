@@ -258,7 +258,8 @@ def run_profiler(opts: ProfileOptions) -> tuple[HardwareProfile, str]:
     _validate(opts, cores)
     prefill_grid, decode_grid = opts.grids()
     total = len(opts.tps) * (len(prefill_grid) + len(decode_grid)) + 1
-    configs, info = {}, {}
+    configs: dict[tuple[int, int], ConfigProfile] = {}
+    info: dict[str, Any] = {}
     with tqdm(total=total, desc="profiling", unit="point", disable=not opts.show_progress) as bar:
         for tp in opts.tps:
             bar.set_description(f"profiling TP={tp}")

@@ -13,9 +13,10 @@ goodput, and the best colocated instance. Sizing the whole cluster from the unit
    depth ``pp`` ≤ nodes, each node holds stage *s* of every instance of the unit
    (n·tp_p + m·tp_d ≤ GPUs per node) so the KV never leaves a node (each stage moves its share
    in parallel: bandwidth = intra-node × pp). Estimated goodput = min(n·g_p, m·g_d).
-4. The ``top_k`` units by estimated goodput per GPU are simulated whole (prefill, transfer and
-   decode together) and their goodput found by rate search on **joint** attainment; the best
-   per GPU wins (ties: fewer GPUs).
+4. The ``top_k`` units by estimated goodput per GPU (and, when pp > 1 is searched, the best
+   ``top_k // 2`` with pp = 1, which the engine can run) are simulated whole (prefill, transfer
+   and decode together) and their goodput found by rate search on **joint** attainment; the
+   best per GPU wins (ties: fewer GPUs).
 
 ``SearchRules`` switches each of our departures off to reproduce DistServe's public search:
 1:1 pairs only, separate TTFT and TPOT checks, no transfer time.
@@ -204,6 +205,8 @@ def search_units(
         )
     ranked.sort(key=lambda t: t[:3])
     top = ranked[: rules.top_k]
+    runnable = [t for t in ranked if t[3].prefill.pp == t[3].decode.pp == 1]  # type: ignore[union-attr]
+    top += [t for t in runnable[: rules.top_k // 2] if t not in top]  # the YAML needs pp = 1
     tasks = [
         Task("unit", f"unit {name}", placement=p, hint_rate=est, criterion=rules.criterion)
         for _, _, name, p, est, _ in top

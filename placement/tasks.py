@@ -43,15 +43,16 @@ class TaskResult:
 
 def run_task(ev: Evaluator, task: Task) -> TaskResult:
     ev = replace(ev, num_simulations=0)
+    cfg = task.cfg
     if task.kind == "prefill":
-        cfg = task.cfg
         assert cfg is not None
-        result = ev.goodput(lambda r: ev.prefill_attainment(cfg, r), task.hint_rate, rel_tol=0.05)
+        pcfg: PhaseConfig = cfg
+        result = ev.goodput(lambda r: ev.prefill_attainment(pcfg, r), task.hint_rate, rel_tol=0.05)
     elif task.kind == "decode":
-        cfg = task.cfg
         assert cfg is not None
+        dcfg: PhaseConfig = cfg
         result = ev.goodput(
-            lambda r: ev.decode_attainment(cfg, r, task.bytes_per_s), task.hint_rate, rel_tol=0.05
+            lambda r: ev.decode_attainment(dcfg, r, task.bytes_per_s), task.hint_rate, rel_tol=0.05
         )
     elif task.kind in ("unit", "colocated"):
         p = task.placement
@@ -60,7 +61,9 @@ def run_task(ev: Evaluator, task: Task) -> TaskResult:
             ev = replace(
                 ev, settings=replace(ev.settings, colocated_token_budget=task.token_budget)
             )
-        result = ev.goodput(lambda r: ev.attainment(p, r).value(task.criterion), task.hint_rate)
+        result = ev.goodput(
+            lambda r: ev.attainment(p, r).value(task.criterion), task.hint_rate, rel_tol=0.04
+        )
     else:
         raise ValueError(f"unknown task kind {task.kind!r}")
     return TaskResult(task, result, ev.num_simulations)

@@ -113,3 +113,29 @@ def test_profile_refuses_pipeline_parallelism(
     args = ["profile", "--model", str(tmp_path), "--pp", "2", "--out", str(tmp_path / "p.json")]
     assert main(args) == 2
     assert "pipeline parallelism 1 only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_profile_runs_the_real_engine_and_plan_reads_its_output(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "profile.json"
+    args = ["profile", "--model", str(tiny_llama), "--model-name", "tiny", "--tp", "1", "--quick",
+            "--max-prompt-len", "128", "--max-batch-size", "8", "--kv-cache-gib", "0.05",
+            "--out", str(out), "--disable-tqdm"]  # fmt: skip
+    assert main(args) == 0
+    assert "mean |rel err|" in capsys.readouterr().out
+    profile = json.loads(out.read_text())
+    (cfg,) = profile["models"]["tiny"]["configs"]
+    assert cfg["tp"] == 1 and cfg["kv_capacity_tokens"] > 0 and len(cfg["samples"]["prefill"]) > 3
+    assert profile["bandwidth"]["intra_node_bytes_per_s"] > 0 and profile["device"] == "cpu"
+    plan = [
+        "plan", "--profile", str(out), "--model-name", "tiny", "--workload",
+        "synthetic:in=uniform:32:96,out=8", "--num-requests", "100", "--ttft-slo", "1.0",
+        "--tpot-slo", "0.5", "--gpus-per-node", "2", "--out", str(tmp_path / "c.yaml"),
+        "--quick", "--disable-tqdm",
+    ]  # fmt: skip
+    assert main(plan) == 0
+    config = load_cluster_config(tmp_path / "c.yaml")
+    assert config.model == str(tiny_llama.resolve()) and config.device == "cpu"
+    assert config.prefill.cpu_cores == [[0]] and config.decode.cpu_cores == [[1]]

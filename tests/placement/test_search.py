@@ -139,3 +139,9 @@ def test_rank_layout_names_instances_that_straddle_nodes() -> None:
     assert layout.nodes[0][-1].startswith("decode-0 (tp4, ranks 6-9)")
     assert layout.straddling == ("decode-0 (tp4, ranks 6-9)",)
     assert rank_layout(Placement(PhaseConfig(2), 2, PhaseConfig(4), 1), 8).straddling == ()
+
+
+def test_a_pipeline_search_still_verifies_units_the_engine_can_run() -> None:
+    res = search_units(toy_evaluator(), ClusterShape(4, 1), FAST, "fast", RULES, max_pp=2)
+    pps = {(v.placement.prefill.pp, v.placement.decode.pp) for v in res.verified}  # type: ignore[union-attr]
+    assert (1, 1) in pps and any(pp != (1, 1) for pp in pps)
