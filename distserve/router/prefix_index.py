@@ -13,15 +13,22 @@ Because hashes are chained, the index is a trie with one block per node:
 
 ``match(hashes)`` walks the prompt's hashes once and narrows the set of instances still holding
 every block so far, so it costs O(prompt blocks × instances still matching), never a scan over
-the index. Per instance the held hashes are kept in LRU order (oldest first): a path is touched
-leaf first, so its root is the most recent and eviction takes leaves before their prefixes, as
-the engine's prefix cache does.
+the index; ``num_cached(iid, hashes)`` asks the same for one instance. Per instance the held
+hashes are kept in LRU order (oldest first): a path is touched leaf first, so its root is the
+most recent and eviction takes leaves before their prefixes, as the engine's prefix cache does.
+
+A policy that keeps per-prefix state keyed by some hashes (``preble``: its radix-tree nodes)
+``watch``es them and learns of every change of their holder sets through one listener, called
+``listener(h, instance_id, is_added)`` right after the change — whatever caused it (a claim, an
+instance event, a capacity drop, a removed instance).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+HolderListener = Callable[[int, str, bool], None]
 
 
 class _Entry:
@@ -46,6 +53,8 @@ class PrefixIndex:
         self._entries: dict[int, _Entry] = {}
         self._by_instance: dict[str, OrderedDict[int, None]] = {}  # LRU order, oldest first
         self._capacity: dict[str, int | None] = {}
+        self._watched: set[int] = set()
+        self._listener: HolderListener | None = None
 
     # ---- instances -------------------------------------------------------------------------
     def add_instance(self, instance_id: str, capacity_blocks: int | None = None) -> None:
@@ -71,6 +80,18 @@ class PrefixIndex:
     def lru_blocks(self, instance_id: str) -> Iterator[int]:
         """The instance's blocks, least recently used first."""
         return iter(self._by_instance.get(instance_id, ()))
+
+    # ---- watching holder sets -------------------------------------------------------------
+    def set_holder_listener(self, listener: HolderListener | None) -> None:
+        """Call ``listener(h, instance_id, is_added)`` whenever a watched hash gains or loses a
+        holder (one listener per index)."""
+        self._listener = listener
+
+    def watch(self, h: int) -> None:
+        self._watched.add(h)
+
+    def unwatch(self, h: int) -> None:
+        self._watched.discard(h)
 
     # ---- updates ---------------------------------------------------------------------------
     def insert(self, instance_id: str, hashes: Sequence[int], now_s: float) -> None:
@@ -119,6 +140,16 @@ class PrefixIndex:
         for iid in alive or ():
             result[iid] = len(hashes)
         return result
+
+    def num_cached(self, instance_id: str, hashes: Sequence[int]) -> int:
+        """How many leading blocks of ``hashes`` the instance holds."""
+        n = 0
+        for h in hashes:
+            entry = self._entries.get(h)
+            if entry is None or instance_id not in entry.holders:
+                break
+            n += 1
+        return n
 
     def deepest_present(self, hashes: Sequence[int]) -> int:
         """How many leading blocks of ``hashes`` some instance holds (blocks, any instance)."""
@@ -171,15 +202,19 @@ class PrefixIndex:
         held = self._by_instance.get(instance_id)
         if held is None:
             raise KeyError(f"unknown instance {instance_id!r}; call add_instance first")
+        watched = self._watched
         for h in hashes_leaf_first:
             entry = self._entries.get(h)
             if entry is None:
                 entry = self._entries[h] = _Entry(parent=None)
+            is_new = instance_id not in entry.holders
             entry.holders[instance_id] = now_s
             if h in held:
                 held.move_to_end(h)
             else:
                 held[h] = None
+            if is_new and h in watched and self._listener is not None:
+                self._listener(h, instance_id, True)
         capacity = self._capacity.get(instance_id)
         if capacity is not None:
             while len(held) > capacity:
@@ -190,7 +225,12 @@ class PrefixIndex:
         entry = self._entries.get(h)
         if entry is None:
             return
-        entry.holders.pop(instance_id, None)
+        if (
+            entry.holders.pop(instance_id, None) is not None
+            and h in self._watched
+            and self._listener is not None
+        ):
+            self._listener(h, instance_id, False)
         # Garbage-collect held-by-nobody leaves, walking up while parents become such leaves.
         while entry is not None and not entry.holders and entry.num_children == 0:
             del self._entries[h]

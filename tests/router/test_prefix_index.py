@@ -101,3 +101,31 @@ def test_events_for_unregistered_instance_raise() -> None:
     index = make_index("a")
     with pytest.raises(KeyError, match="add_instance"):
         index.blocks_stored("nope", [1])
+
+
+def test_num_cached_counts_one_instances_leading_blocks() -> None:
+    index = make_index("a", "b")
+    index.insert("a", [1, 2, 3], now_s=0.0)
+    index.insert("b", [1, 5], now_s=0.0)
+    assert index.num_cached("a", [1, 2, 3, 4]) == 3
+    assert index.num_cached("b", [1, 2, 3]) == 1
+    assert index.num_cached("b", [2, 3]) == 0
+
+
+def test_listener_hears_every_holder_change_of_watched_hashes_only() -> None:
+    index = make_index("a", "b", capacity=3)
+    heard: list[tuple[int, str, bool]] = []
+    index.set_holder_listener(lambda h, iid, added: heard.append((h, iid, added)))
+    index.watch(1)
+    index.watch(3)
+    index.insert("a", [1, 2, 3], now_s=0.0)  # leaf first: 3 then 1
+    index.insert("a", [1, 2, 3], now_s=1.0)  # a touch, not a change
+    index.blocks_stored("b", [1], now_s=1.0)
+    assert heard == [(3, "a", True), (1, "a", True), (1, "b", True)]
+    heard.clear()
+    index.insert("a", [1, 2, 4], now_s=2.0)  # over capacity: a's LRU block 3 is dropped
+    index.blocks_evicted("b", [1])
+    index.unwatch(3)
+    index.remove_instance("a")
+    assert heard == [(3, "a", False), (1, "b", False), (1, "a", False)]
+    index.check_consistency()
