@@ -1,49 +1,90 @@
 """``preble``: Preble's E2 global scheduler, Preble-E2-like (ALGORITHMS.md §3), over block hashes.
 
-Owns the E2 rule. Per request, in this order:
+Owns the E2 rule and our adaptations of it (listed below). It does not own the index
+(``prefix_index.py``) or the load sums (``preble_load.py``). Per request, in this order:
 
 1. ``matched`` = tokens of the deepest prompt block some instance holds, ``missed`` = the rest.
 2. **Exploit** if ``matched > missed`` (a tie explores): among the holders of that deepest block,
    the lowest load cost.
-3. **Explore** otherwise: if some instance's windowed prefix hit ratio is >= ``explore_hit_ratio``
-   (a detail of the released code), the lowest load cost among those; else the lowest
-   ``load cost + eviction cost`` over all instances.
-4. Record the assignment on every block of the path (dispatch time), charge the load, rebalance.
+3. **Explore** otherwise: the lowest ``load cost + eviction cost`` over all instances. (With
+   ``explore_hit_ratio`` set, the released code's detail: if some instance's windowed prefix hit
+   ratio is >= it, the lowest load cost among those.)
+4. Record the assignment on every block of the path (dispatch time) and charge the load.
+5. **Replicate** the request's node if all its holders are congested (adaptation c).
+6. **Rebalance** (after the warm-up): move or replicate hot nodes away from the busiest instances.
 
 *Nodes over block hashes.* The hashes form a trie (one block per node, see ``PrefixIndex``); the
 radix-tree node of a prompt's path is a maximal run of blocks between branch points (a block
 with more than one child ends a node; the prompt's last block ends its last node). A node is
 *important* when it is longer than all of its ancestors together (``end − start > start``, in
-blocks); at most log2(blocks) per path. A node is named by the hash of its first block.
+blocks); the root node always is, and a path has at most log2(blocks) of them. A node is named
+by the hash of its first block; its holders are the index's holders of that block.
 
-*Load cost* of instance g = Σ over the window of charges on g (``preble_load``) + in-flight cost:
-for a colocated instance ``expected output × recent TPOT`` per request in flight (Preble's decode
-cost); for a prefill-only instance (disaggregation: our adaptation) the pending
-``PrefillTime(uncached, cached)`` of each request dispatched there and not yet prefilled.
-*Eviction cost*: if the request's uncached blocks exceed g's free blocks, walk g's LRU blocks
-(skipping the request's own path) as an LRU eviction would and add, per evicted block,
-``hits in the window × its marginal prefill time`` (hits = requests through it − 1).
+*Load cost* of instance g (``preble_load`` keeps both terms incrementally)::
 
-*Rebalancing* (after ``warmup_requests_per_instance × instances`` dispatches), after every
-dispatch. The load it compares is the window cost of an instance's *hot* nodes (>=
-``hot_min_requests`` requests there in the window) — our reading: it is the part of the load a
-move transfers, so the comparison cannot chase in-flight work that stays behind (with in-flight
-costs included, moves thrashed in simulation). While the heaviest instance's load is >=
-``rebalance_ratio`` × the lightest's, its cheapest hot nodes move to the lightest as long as that
-does not overshoot, stopping once the gap is under the ratio; then the next heaviest against the
-(updated) lightest. Moving re-points the index (the lightest is recorded as holding the node's
-path, the heaviest no longer holds the node) and moves the node's window charges. When the
-heaviest has a single hot node, moving it would only move the overload: if that node's mean TTFT
-over the newer half of its window is >= ``replicate_ttft_ratio`` × the older half's, it is
-**replicated** to the lightest (recorded as a second holder; no KV is copied) and exploit then
-splits its requests by load. (ALGORITHMS.md says "only one hot prefix exists"; we read it per
-heaviest instance, as a public reimplementation of Preble's scheduler does.)
+    load(g) = in_flight(g) + load_horizon_s × W(g) / window_s
+    W(g)    = Σ_{important v held by g} C(v) / |holders(v)|,   C(v) = Σ charges of v in the window
+
+``W`` is Preble's ``Σ_v miss rate(v)·requests(v)·PrefillTime(v) / holders(v)``; ``in_flight`` is
+the pending ``PrefillTime`` of the requests dispatched to g and not yet prefilled, plus, on a
+colocated instance, ``expected output × recent TPOT`` per request in flight (Preble's decode
+cost). *Eviction cost*: if the request's uncached blocks exceed g's free blocks, walk g's LRU
+blocks (skipping the request's own path) as an LRU eviction would; each evicted important node v
+adds ``(requests(v) − 1) / |holders(v)| × PrefillTime(v)``: the recomputation its loss causes,
+weighted by its hit frequency and shared with its other holders.
+
+*Rebalancing*, after every dispatch once ``warmup_requests + warmup_requests_per_instance ×
+instances`` requests were routed: while the busiest instance's hot load (``W`` over hot nodes:
+>= ``hot_min_requests`` requests in the window) is >= ``rebalance_ratio`` × the lightest's, its
+cheapest hot nodes move to the lightest as long as that does not overshoot; then the next
+busiest against the (updated) lightest. Moving re-points the index (the lightest is recorded as
+holding the node's path, the busiest no longer holds the node), which hands the node's window
+cost over. If the busiest has a single hot node and that node's mean TTFT over the newer half
+of the window is >= ``replicate_ttft_ratio`` × the older half's, it is **replicated** to the
+lightest instead (a second holder; no KV is copied; exploit then splits its requests by load).
+
+Our adaptations, where the released algorithm is ambiguous or defeats itself at 16–64 instances
+(each measured in the cluster simulator with ``benchmarks/routing.py``; see docs/benchmarks.md):
+
+a. *A request's whole miss is charged, and a node's cost is shared by its holders.* A request
+   charges each important node on its path the ``PrefillTime`` of its own uncached tokens from
+   that node down to the next important node (the prompt's end for the last), so a request that
+   hits its shared prefix still charges its unique suffix (the released code approximates this
+   with the node's miss rate). ``C(v)`` is split over v's holders as in Preble's formula, so a
+   replica takes its share of the load at once.
+b. *The window cost is read as a rate.* Preble adds the window's total (minutes of work) to the
+   in-flight work (seconds); the window then swamps the queue, and exploit sends every request of
+   a prefix to the holder with the least *past* work while its queue grows (simulated: a 1.5 s
+   average TTFT on one of 16 instances). We scale ``W`` to the work it implies over the next
+   ``load_horizon_s`` (3 s; 0–10 s all did well in simulation, 30 s and more did not):
+   ``load_horizon_s = window_s`` is the literal formula.
+c. *Replication is also triggered by the holders' queues, not only by the TTFT window* (which
+   needs a window of history and reacts after the queue has built). After each dispatch, for
+   the request's deepest important node v, if v is hot and every holder's pending prefill is >=
+   ``rebalance_ratio`` × what the lightest non-holder's would be with v copied there (its pending
+   prefill + the time to prefill v's path), v is replicated to it: Preble's 1.5× rule applied to
+   queues, counting the copy. The test runs again after later dispatches, so a very hot prefix
+   gains as many replicas as its load needs, one at a time, warm-up or not.
+d. *Moves pay for their copy and need a queue to relieve.* A move must not overshoot even after
+   the lightest recomputes the node (``busiest − c >= lightest + c + copy``), and the busiest's
+   pending prefill must pass adaptation c's test against the lightest's; moves that only evened
+   out window history cost a recompute each and raised latency in simulation.
+e. *In-flight work is counted at dispatch time, realistically.* Queued prompts run in batches, so
+   ``PrefillTime``'s constant is counted once per instance, not per queued request; and the first
+   request sent to a replica or a move's destination is charged the full copy (the index claims
+   the path at once, but the KV is only computed by that request).
+f. The single-hot-node case is read per busiest instance (a public reimplementation of Preble's
+   scheduler does the same). The hit-ratio explore detail is off by default
+   (``explore_hit_ratio=None``): the released server passes no hit ratios (a TODO there), and in a
+   prefix-heavy workload every instance soon passes 0.7, which turns explore into least-load.
+g. The warm-up is ALGORITHMS.md's 50 requests per instance, and gates rebalancing only: the hot
+   prefix's first holder is no longer stuck alone during it, since adaptation c replicates it.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from distserve.router.policies.base import InstanceLoad, RouteRequest, register_policy
 from distserve.router.policies.preble_load import InFlightLoad, PrefillTimeModel, WindowedLoad
@@ -58,36 +99,58 @@ class PreblePolicy(PrefixAwarePolicy):
         self,
         window_s: float = 180.0,
         prefill_time: tuple[float, float, float, float] = (0.0181, 1.02e-4, 0.0, 1.42e-8),
+        load_horizon_s: float = 3.0,
         rebalance_ratio: float = 1.5,
+        warmup_requests: int = 0,
         warmup_requests_per_instance: int = 50,
         hot_min_requests: int = 2,
         replicate_ttft_ratio: float = 2.0,
-        explore_hit_ratio: float | None = 0.7,
+        explore_hit_ratio: float | None = None,
         default_tpot_s: float = 0.05,
     ) -> None:
         super().__init__(window_s=window_s)
         if rebalance_ratio <= 1.0:
             raise ValueError(f"rebalance_ratio must be > 1, got {rebalance_ratio}")
+        if hot_min_requests < 1:
+            raise ValueError(f"hot_min_requests must be >= 1, got {hot_min_requests}")
+        if load_horizon_s < 0:
+            raise ValueError(f"load_horizon_s must be >= 0, got {load_horizon_s}")
         self.prefill_time = PrefillTimeModel(*prefill_time)
+        self.load_horizon_s = load_horizon_s
         self.rebalance_ratio = rebalance_ratio
+        self.warmup_requests = warmup_requests
         self.warmup_requests_per_instance = warmup_requests_per_instance
         self.replicate_ttft_ratio = replicate_ttft_ratio
         self.explore_hit_ratio = explore_hit_ratio
         self.default_tpot_s = default_tpot_s
         self.load = WindowedLoad(window_s, hot_min_requests)
-        self._num_routed = 0
-        self.in_flight = InFlightLoad()
-        self._node_path: dict[
-            int, tuple[tuple[int, ...], int, int]
-        ] = {}  # node -> (path, start, end)
+        self.in_flight = InFlightLoad(batch_overhead_s=self.prefill_time.a_s)
+        self.index.set_holder_listener(self._on_holder_change)
         self._ttft: dict[int, deque[tuple[float, float]]] = {}  # node -> (time, ttft) samples
+        self._num_routed = 0
+        self.num_exploits = 0
         self.num_moves = 0
-        self.num_replications = 0
+        self.num_replications = 0  # by the TTFT rule
+        self.num_queue_replications = 0  # by the holders' queues (adaptation c)
 
     # ---- costs -----------------------------------------------------------------------------
     def load_cost(self, inst: InstanceLoad) -> float:
         iid = inst.instance_id
-        return self.load.total(iid) + self.in_flight.cost(iid, self._tpot(inst))
+        window = self.load.share(iid) * self.load_horizon_s / self.load.window_s
+        return window + self.in_flight.cost(iid, self._tpot(inst))
+
+    def load_costs(self, instances: Sequence[InstanceLoad]) -> list[float]:
+        """``load_cost`` of every instance, in order (one pass over the instances)."""
+        ids = [i.instance_id for i in instances]
+        scale = self.load_horizon_s / self.load.window_s
+        costs = [
+            q + scale * w
+            for q, w in zip(self.in_flight.pending(ids), self.load.shares(ids), strict=True)
+        ]
+        for p, inst in enumerate(instances):
+            if inst.role == "colocated":
+                costs[p] += self.in_flight.output_tokens(inst.instance_id) * self._tpot(inst)
+        return costs
 
     def eviction_cost(
         self, inst: InstanceLoad, req: RouteRequest, num_cached_blocks: int, now_s: float
@@ -97,12 +160,14 @@ class PreblePolicy(PrefixAwarePolicy):
             return 0.0
         to_evict = need - inst.free_kv_blocks
         on_path = set(req.block_hashes)
-        per_block = self.prefill_time(req.block_size, 0) - self.prefill_time.a_s
         cost, evicted = 0.0, 0
         for h in self.index.lru_blocks(inst.instance_id):
             if h in on_path:
                 continue
-            cost += max(0, self.index.num_requests(h, now_s) - 1) * per_block
+            v = self.load.node(h)
+            if v is not None and v.num_requests > 1:
+                node_s = self.prefill_time((v.end - v.start) * v.block_size, v.start * v.block_size)
+                cost += (v.num_requests - 1) / max(1, len(v.holders)) * node_s
             evicted += 1
             if evicted >= to_evict:
                 break
@@ -113,33 +178,48 @@ class PreblePolicy(PrefixAwarePolicy):
         self, req: RouteRequest, instances: Sequence[InstanceLoad], now_s: float
     ) -> str:
         self._ensure_known(instances)
-        self.load.expire(now_s)
-        hashes, bs = req.block_hashes, req.block_size
+        for node in self.load.expire(now_s):
+            self.index.unwatch(node)
+            self._ttft.pop(node, None)
+        hashes, n = req.block_hashes, req.num_prompt_tokens
         depth = self.index.deepest_present(hashes)
-        matched = min(depth * bs, req.num_prompt_tokens)
-        cached = self.index.match(hashes)
-        costs = [self.load_cost(i) for i in instances]
-        pos: int | None = None
-        if matched > req.num_prompt_tokens - matched:
-            holders = self.index.holders(hashes[depth - 1])
-            candidates = [p for p, i in enumerate(instances) if i.instance_id in holders]
-            if candidates:
-                pos = min(candidates, key=lambda p: costs[p])
-        if pos is None:
-            pos = self._explore(req, instances, costs, cached, now_s)
-        chosen = instances[pos]
-        self._record(req, chosen, cached.get(chosen.instance_id, 0), now_s)
+        matched = min(depth * req.block_size, n)
+        chosen: InstanceLoad | None = None
+        if matched > n - matched:
+            chosen = self._lightest(instances, among=self.index.holders(hashes[depth - 1]))
+        if chosen is None:
+            chosen = self._explore(req, instances, now_s)
+        else:
+            self.num_exploits += 1
+        node = self._record(req, chosen, now_s)
+        if node is not None:
+            self._replicate_if_queued(node, instances, now_s)
         self.rebalance(instances, now_s)
         return chosen.instance_id
 
-    def _explore(
+    def _lightest(
         self,
-        req: RouteRequest,
         instances: Sequence[InstanceLoad],
-        costs: list[float],
-        cached: dict[str, int],
-        now_s: float,
-    ) -> int:
+        among: Container[str] | None = None,
+        exclude: Container[str] = (),
+    ) -> InstanceLoad | None:
+        """The lowest load cost (ties: list order) among ``among`` (all if None) but not
+        ``exclude``; None when no instance qualifies."""
+        best: InstanceLoad | None = None
+        best_cost = 0.0
+        for inst in instances:
+            iid = inst.instance_id
+            if (among is not None and iid not in among) or iid in exclude:
+                continue
+            cost = self.load_cost(inst)
+            if best is None or cost < best_cost:
+                best, best_cost = inst, cost
+        return best
+
+    def _explore(
+        self, req: RouteRequest, instances: Sequence[InstanceLoad], now_s: float
+    ) -> InstanceLoad:
+        costs = self.load_costs(instances)
         positions = range(len(instances))
         if self.explore_hit_ratio is not None:
             threshold = self.explore_hit_ratio
@@ -149,112 +229,171 @@ class PreblePolicy(PrefixAwarePolicy):
                 if (self.load.hit_ratio(instances[p].instance_id) or 0.0) >= threshold
             ]
             if warm:
-                return min(warm, key=lambda p: costs[p])
-        # lowest load + eviction cost; eviction cost >= 0, so stop once load alone cannot win
+                return instances[min(warm, key=costs.__getitem__)]
+        # lowest load + eviction cost; eviction cost >= 0, so the lightest wins if it evicts
+        # nothing, and otherwise we stop once load alone cannot win
+        first = min(positions, key=costs.__getitem__)
+        if self._eviction_cost_at(instances[first], req, now_s) == 0.0:
+            return instances[first]
         best: tuple[float, int] | None = None
         for p in sorted(positions, key=lambda p: (costs[p], p)):
             if best is not None and costs[p] > best[0]:
                 break
-            inst = instances[p]
-            total = costs[p] + self.eviction_cost(inst, req, cached.get(inst.instance_id, 0), now_s)
+            total = costs[p] + self._eviction_cost_at(instances[p], req, now_s)
             if best is None or (total, p) < best:
                 best = (total, p)
         assert best is not None
-        return best[1]
+        return instances[best[1]]
 
-    def _record(
-        self, req: RouteRequest, inst: InstanceLoad, num_cached_blocks: int, now_s: float
-    ) -> None:
+    def _eviction_cost_at(self, inst: InstanceLoad, req: RouteRequest, now_s: float) -> float:
+        blocks = -(-req.num_prompt_tokens // req.block_size)
+        if inst.total_kv_blocks == 0 or blocks <= inst.free_kv_blocks:
+            return 0.0  # fits without counting cached blocks
+        cached = self.index.num_cached(inst.instance_id, req.block_hashes)
+        return self.eviction_cost(inst, req, cached, now_s)
+
+    def _record(self, req: RouteRequest, inst: InstanceLoad, now_s: float) -> int | None:
+        """Claim the path for ``inst``, charge its important nodes, count the in-flight work;
+        returns the request's deepest important node (None for a prompt without a full block)."""
         iid, hashes, bs, n = (
             inst.instance_id,
             req.block_hashes,
             req.block_size,
             req.num_prompt_tokens,
         )
+        cached_blocks = self.index.num_cached(iid, hashes)
         self.index.insert(iid, hashes, now_s)
-        self.index.record_request(hashes, now_s)
-        important: list[int] = []
-        start = 0
-        for i, h in enumerate(hashes):
-            if i + 1 < len(hashes) and not self.index.is_branch(h):
-                continue
-            end = i + 1  # node = blocks [start, end)
-            if end - start > start:
-                node = hashes[start]
-                first_missed = max(start, num_cached_blocks)
-                extend = (n if end == len(hashes) else end * bs) - first_missed * bs
-                cost = self.prefill_time(extend, first_missed * bs) if first_missed < end else 0.0
-                self.load.charge(now_s, iid, node, cost / max(1, len(self.index.holders(node))))
-                self._node_path[node] = (hashes, start, end)
-                important.append(node)
-            start = end
-        cached_tokens = min(num_cached_blocks * bs, n)
+        important = self._important_nodes(hashes)
+        for start, _ in important:  # a claimed copy is computed by its first request (adapt. e)
+            v = self.load.node(hashes[start])
+            if v is not None and iid in v.copies:
+                v.copies.discard(iid)
+                cached_blocks = min(cached_blocks, start)
+        cached_tokens = min(cached_blocks * bs, n)
+        is_first_charge = True
+        for i, (start, end) in enumerate(important):
+            seg_end = important[i + 1][0] * bs if i + 1 < len(important) else n
+            first_missed = max(start * bs, cached_tokens)
+            cost = self.prefill_time.work_s(seg_end - first_missed, first_missed)
+            if cost > 0 and is_first_charge:
+                cost += self.prefill_time.a_s
+                is_first_charge = False
+            node = hashes[start]
+            v = self.load.node(node)
+            if v is None:
+                self.load.add_node(node, hashes, start, end, bs, self.index.holders(node))
+                self.index.watch(node)
+            elif end < v.end:  # a branch appeared inside the node since it was first seen
+                v.end = end
+            self.load.charge(now_s, node, cost)
         self.load.record_hit(now_s, iid, cached_tokens, n)
-        deepest = important[-1] if important else None  # the request's node for TTFT and in-flight
-        if inst.role == "colocated":
-            self.in_flight.add(req.request_id, iid, 0.0, req.expected_output_tokens, deepest)
-        else:
-            pending_s = self.prefill_time(n - cached_tokens, cached_tokens)
-            self.in_flight.add(req.request_id, iid, pending_s, 0, deepest)
+        deepest = hashes[important[-1][0]] if important else None
+        pending_s = self.prefill_time.work_s(n - cached_tokens, cached_tokens)
+        outputs = req.expected_output_tokens if inst.role == "colocated" else 0
+        self.in_flight.add(req.request_id, iid, pending_s, outputs, deepest)
         self._num_routed += 1
-        if self._num_routed % 1024 == 0:  # forget nodes that left the window
-            for node in [v for v in self._node_path if not self.load.num_requests(v)]:
-                del self._node_path[node]
-                self._ttft.pop(node, None)
+        return deepest
+
+    def _important_nodes(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """``(start, end)`` blocks of the important radix-tree nodes on the path, root first."""
+        important: list[tuple[int, int]] = []
+        start, last = 0, len(hashes) - 1
+        for i, h in enumerate(hashes):
+            if i < last and not self.index.is_branch(h):
+                continue
+            if i + 1 - start > start:
+                important.append((start, i + 1))
+            start = i + 1
+        return important
+
+    # ---- replication by queue (adaptation c) -----------------------------------------------
+    def _replicate_if_queued(
+        self, node: int, instances: Sequence[InstanceLoad], now_s: float
+    ) -> None:
+        v = self.load.node(node)
+        if v is None or not v.is_hot:
+            return
+        queue = self.in_flight.pending_prefill_s
+        best_queue_s = min(
+            (queue(i.instance_id) for i in instances if i.instance_id in v.holders), default=None
+        )
+        # any copy recomputes at least the node's own blocks: skip the scan when even that
+        # is more than the best holder's queue
+        min_copy_s = self.prefill_time((v.end - v.start) * v.block_size, 0)
+        if best_queue_s is None or best_queue_s < self.rebalance_ratio * min_copy_s:
+            return
+        light = self._lightest(instances, exclude=v.holders)
+        if light is not None and self._relieves(best_queue_s, light.instance_id, node):
+            self._claim_copy(node, light.instance_id, now_s)
+            self.num_queue_replications += 1
+
+    def _relieves(self, queue_s: float, dst: str, node: int) -> bool:
+        """Whether a queue of ``queue_s`` is worth copying ``node`` to ``dst`` for: >= the
+        rebalance ratio × what ``dst``'s queue would be with the copy (the time to prefill the
+        node's path there)."""
+        dst_queue_s = self.in_flight.pending_prefill_s(dst)
+        return queue_s >= self.rebalance_ratio * (dst_queue_s + self._copy_s(node, dst))
+
+    def _copy_s(self, node: int, dst: str) -> float:
+        """Prefill time of ``node``'s path on ``dst``, after what ``dst`` already holds."""
+        v = self.load.node(node)
+        assert v is not None
+        path = v.path[: v.end]
+        cached = self.index.num_cached(dst, path)
+        return self.prefill_time((len(path) - cached) * v.block_size, cached * v.block_size)
+
+    def _claim_copy(self, node: int, dst: str, now_s: float) -> None:
+        v = self.load.node(node)
+        assert v is not None
+        self.index.insert(dst, v.path[: v.end], now_s)
+        v.copies.add(dst)
 
     # ---- rebalancing -----------------------------------------------------------------------
     def rebalance(self, instances: Sequence[InstanceLoad], now_s: float) -> None:
         """Move or replicate hot prefixes (runs after every dispatch; callable directly)."""
         self._ensure_known(instances)
-        if self._num_routed < self.warmup_requests_per_instance * len(instances):
+        warmup = self.warmup_requests + self.warmup_requests_per_instance * len(instances)
+        if self._num_routed < warmup or len(instances) < 2:
             return
-        by_id = {i.instance_id: i for i in instances}
-        loads = {iid: self.hot_load(inst) for iid, inst in by_id.items()}
-        heavy_first = sorted(loads, key=lambda iid: -loads[iid])
-        light = heavy_first[-1]
-        for heavy in heavy_first[:-1]:
-            if loads[heavy] <= 0 or loads[heavy] < self.rebalance_ratio * loads[light]:
+        hot = self.load.hot_share
+        loads = [hot(i.instance_id) for i in instances]
+        if max(loads) <= 0 or max(loads) < self.rebalance_ratio * min(loads):
+            return  # the common case, in one pass
+        heavy_first = sorted(instances, key=lambda i: -hot(i.instance_id))
+        light = heavy_first[-1].instance_id
+        queue = self.in_flight.pending_prefill_s
+        for inst in heavy_first[:-1]:
+            heavy = inst.instance_id
+            if hot(heavy) <= 0 or hot(heavy) < self.rebalance_ratio * hot(light):
                 return
-            tpot = self._tpot(by_id[heavy])
-            hot = sorted(
-                (cost + self.in_flight.node_cost(heavy, node, tpot), node)
-                for cost, node in self.load.hot_nodes(heavy)
-            )
-            if len(hot) == 1:  # moving its only hot prefix would move the overload: replicate
-                cost, node = hot[0]
-                if self._maybe_replicate(node, light, now_s):
-                    loads[heavy] -= cost / 2
-                    loads[light] += cost / 2
+            nodes = sorted(self.load.hot_nodes(heavy))
+            if len(nodes) == 1:  # moving its only hot prefix would move the overload: replicate
+                self._maybe_replicate(nodes[0][1], light, now_s)
                 continue
-            for cost, node in hot:  # cheapest first, without overshooting
-                if loads[heavy] - cost < loads[light] + cost:
+            for cost, node in nodes:  # cheapest first, without overshooting (adaptation d)
+                copy_s = self._copy_s(node, light)
+                if hot(heavy) - cost < hot(light) + cost + copy_s:
+                    break
+                if not self._relieves(queue(heavy), light, node):
                     break
                 self._move(node, heavy, light, now_s)
-                loads[heavy] -= cost
-                loads[light] += cost
-                if loads[heavy] < self.rebalance_ratio * loads[light]:
+                if hot(heavy) < self.rebalance_ratio * hot(light):
                     break
-
-    def hot_load(self, inst: InstanceLoad) -> float:
-        """The load rebalancing compares: window cost of the instance's hot nodes + in-flight
-        cost accounted to it (moved with the nodes)."""
-        iid = inst.instance_id
-        return self.load.hot_total(iid) + self.in_flight.account_cost(iid, self._tpot(inst))
 
     def _tpot(self, inst: InstanceLoad) -> float:
         return inst.recent_tpot_s if inst.recent_tpot_s is not None else self.default_tpot_s
 
     def _move(self, node: int, src: str, dst: str, now_s: float) -> None:
-        path, start, end = self._node_path[node]
-        self.load.move(node, src, dst)
-        self.in_flight.move(node, src, dst)
-        self.index.blocks_evicted(src, path[start:end])
-        self.index.insert(dst, path[:end], now_s)
+        v = self.load.node(node)
+        assert v is not None
+        self._claim_copy(node, dst, now_s)
+        self.index.blocks_evicted(src, v.path[v.start : v.end])
         self.num_moves += 1
 
     def _maybe_replicate(self, node: int, lightest: str, now_s: float) -> bool:
+        v = self.load.node(node)
         samples = self._ttft.get(node)
-        if not samples or lightest in self.index.holders(node):
+        if v is None or not samples or lightest in v.holders:
             return False
         while samples and samples[0][0] < now_s - self.load.window_s:
             samples.popleft()
@@ -268,17 +407,22 @@ class PreblePolicy(PrefixAwarePolicy):
             and newer
             and sum(newer) / len(newer) >= self.replicate_ttft_ratio * sum(older) / len(older)
         ):
-            path, _, end = self._node_path[node]
-            self.index.insert(lightest, path[:end], now_s)
+            self._claim_copy(node, lightest, now_s)
             samples.clear()
             self.num_replications += 1
             return True
         return False
 
     # ---- events ----------------------------------------------------------------------------
+    def _on_holder_change(self, h: int, instance_id: str, is_added: bool) -> None:
+        if is_added:
+            self.load.holder_added(h, instance_id)
+        else:
+            self.load.holder_removed(h, instance_id)
+
     def on_prefill_done(self, request_id: str, now_s: float, ttft_s: float | None = None) -> None:
         node = self.in_flight.prefill_done(request_id)
-        if node is not None and ttft_s is not None:
+        if node is not None and ttft_s is not None and node in self.load:
             self._ttft.setdefault(node, deque()).append((now_s, ttft_s))
         super().on_prefill_done(request_id, now_s, ttft_s)
 
@@ -290,3 +434,11 @@ class PreblePolicy(PrefixAwarePolicy):
         super().check_consistency()
         self.load.check_consistency()
         self.in_flight.check_consistency()
+        for node in self._ttft:
+            assert node in self.load, f"TTFT samples kept for {node}, which left the window"
+        for node in self.load.nodes():
+            v = self.load.node(node)
+            assert v is not None and v.holders == set(self.index.holders(node)), (
+                f"holders of node {node} differ from the index's"
+            )
+            assert v.copies <= v.holders, f"copies of node {node} that are not holders"

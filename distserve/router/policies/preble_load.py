@@ -1,19 +1,34 @@
 """Load bookkeeping of the ``preble`` policy (Preble E2-like, ALGORITHMS.md §3).
 
-Owns, over a sliding window of ``window_s`` seconds: per (instance, important node) the prefill
-cost charged by requests routed there and their count, per instance the total and the prefix
-hit ratio, and the number of hot nodes. It does not own routing decisions (``preble.py``).
+Owns what E2's costs read, each kept incrementally so that no decision scans all instances × all
+nodes (STYLE.md habit 11). It does not own routing decisions or the prefix index (``preble.py``,
+``prefix_index.py``).
 
-A *charge* is one request's contribution to one important node on one instance:
-``miss × PrefillTime(node) / holders(node)`` with the holder count taken at dispatch time. The sum
-of charges over the window is Preble's ``Σ_v miss_rate(v) · requests(v) · PrefillTime(v) /
-holders(v)``, kept incrementally so a load query is O(1). Rebalancing moves a node's charges
-from one instance to another. :class:`InFlightLoad` counts the work dispatched and not yet done.
+- :class:`PrefillTimeModel` — Preble's fitted ``PrefillTime(extend, context)``.
+- :class:`WindowedLoad` — over a sliding window of ``window_s`` seconds, per radix-tree node v
+  its prefill cost ``C(v)`` (the sum of the charges of requests routed through it), its request
+  count and its holder set (mirrored from the prefix index by the policy); per instance g
+
+      W(g)     = Σ_{v held by g} C(v) / |holders(v)|        Preble's Σ_v miss·requests·PrefillTime / holders
+      W_hot(g) = the same over hot nodes (>= hot_min_requests requests in the window)
+
+  and the prefix hit ratio. A charge of δ on v adds δ/k to each of v's k holders; a holder
+  joining or leaving re-splits ``C(v)`` over the new set — so replicating a node hands part of
+  its window cost to the replica, and moving it hands all of it over, without touching charges.
+  Costs are O(holders of the node) per update and O(1) per query.
+- :class:`InFlightLoad` — per instance the work dispatched there and not done yet: the pending
+  ``PrefillTime`` until the first token, and the expected output tokens until the request
+  finishes (colocated instances: Preble's decode cost, read × the instance's TPOT).
+
+    charge ─▶ window (deque, oldest first) ─▶ expire: C(v) −= cost, count −= 1, node dropped at 0
+                │                                           │
+                └──▶ C(v) ──split over holders(v)──▶ W(g), W_hot(g) ◀── holder joined / left
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -30,56 +45,116 @@ class PrefillTimeModel:
     def __call__(self, extend_tokens: int, context_tokens: int) -> float:
         if extend_tokens <= 0:
             return 0.0
+        return self.a_s + self.work_s(extend_tokens, context_tokens)
+
+    def work_s(self, extend_tokens: int, context_tokens: int) -> float:
+        """The marginal part (no constant ``a``): the cost of one segment of a longer prompt."""
+        if extend_tokens <= 0:
+            return 0.0
         e, k = extend_tokens, context_tokens
-        return self.a_s + self.b_s * e + self.c_s * k + self.d_s * e * k
+        return self.b_s * e + self.c_s * k + self.d_s * e * k
 
 
-class _Charge:
-    __slots__ = ("cost_s", "instance_id", "node", "seq", "time_s")
+class WindowNode:
+    """One radix-tree node with charges in the window (named by the hash of its first block)."""
 
-    def __init__(self, seq: int, time_s: float, instance_id: str, node: int, cost_s: float) -> None:
-        self.seq, self.time_s, self.instance_id, self.node, self.cost_s = (
-            seq,
-            time_s,
-            instance_id,
-            node,
-            cost_s,
-        )
+    __slots__ = (
+        "block_size",
+        "copies",
+        "cost_s",
+        "end",
+        "holders",
+        "is_hot",
+        "num_requests",
+        "path",
+        "start",
+    )
+
+    def __init__(
+        self, path: tuple[int, ...], start: int, end: int, block_size: int, holders: Iterable[str]
+    ) -> None:
+        self.path = path  # hashes of a prompt through the node; the node is blocks [start, end)
+        self.start = start
+        self.end = end
+        self.block_size = block_size  # tokens per block of those hashes
+        self.holders: set[str] = set(holders)  # mirrors the index's holders of path[start]
+        self.copies: set[str] = set()  # holders by replication or move, not yet computed there
+        self.cost_s = 0.0  # C(v): Σ charges in the window
+        self.num_requests = 0  # requests through the node in the window, all instances
+        self.is_hot = False
 
 
 class WindowedLoad:
-    """Sliding-window prefill charges per (instance, node), hit ratios and hot-node counts."""
+    """Sliding-window prefill costs per node, split over holders into per-instance loads."""
 
     def __init__(self, window_s: float, hot_min_requests: int = 2) -> None:
+        if window_s <= 0:
+            raise ValueError(f"window_s must be positive, got {window_s}")
         self.window_s = window_s
         self.hot_min_requests = hot_min_requests
-        self._charges: deque[_Charge] = deque()
-        self._buckets: dict[str, dict[int, deque[_Charge]]] = {}
-        self._bucket_cost: dict[str, dict[int, float]] = {}
-        self._total: dict[str, float] = {}
-        self._node_requests: dict[int, int] = {}
-        self._num_hot = 0
-        self._hot_on: dict[str, set[int]] = {}  # instance -> nodes with enough requests there
-        self._hot_total: dict[str, float] = {}  # instance -> Σ cost of its hot nodes
-        self._seq = 0
+        self._nodes: dict[int, WindowNode] = {}
+        self._charges: deque[tuple[float, int, float]] = deque()  # (time, node, cost)
+        self._share: dict[str, float] = {}  # W(g)
+        self._hot_share: dict[str, float] = {}  # W_hot(g)
+        self._hot_of: dict[str, set[int]] = {}  # hot nodes each instance holds
         self._hits: deque[tuple[float, str, int, int]] = deque()
         self._hit_sums: dict[str, list[int]] = {}  # instance -> [cached tokens, prompt tokens]
 
-    # ---- updates ---------------------------------------------------------------------------
-    def charge(self, now_s: float, instance_id: str, node: int, cost_s: float) -> None:
-        self._seq += 1
-        c = _Charge(self._seq, now_s, instance_id, node, cost_s)
-        self._charges.append(c)
-        bucket = self._buckets.setdefault(instance_id, {}).setdefault(node, deque())
-        bucket.append(c)
-        costs = self._bucket_cost.setdefault(instance_id, {})
-        costs[node] = costs.get(node, 0.0) + cost_s
-        if node in self._hot_on.get(instance_id, ()):
-            self._hot_total[instance_id] += cost_s
-        elif len(bucket) >= self.hot_min_requests:
-            self._set_hot(instance_id, node, True)
-        self._total[instance_id] = self._total.get(instance_id, 0.0) + cost_s
-        self._count(node, +1)
+    # ---- nodes and holders -----------------------------------------------------------------
+    def __contains__(self, node: int) -> bool:
+        return node in self._nodes
+
+    def node(self, node: int) -> WindowNode | None:
+        return self._nodes.get(node)
+
+    def add_node(
+        self,
+        node: int,
+        path: tuple[int, ...],
+        start: int,
+        end: int,
+        block_size: int,
+        holders: Iterable[str],
+    ) -> WindowNode:
+        """Start tracking ``node`` (no cost yet, so no instance's load changes)."""
+        assert node not in self._nodes, f"node {node} is already tracked"
+        v = self._nodes[node] = WindowNode(path, start, end, block_size, holders)
+        return v
+
+    def holder_added(self, node: int, instance_id: str) -> None:
+        v = self._nodes.get(node)
+        if v is None or instance_id in v.holders:
+            return
+        k = len(v.holders)
+        if k:
+            self._spread(v, v.cost_s / (k + 1) - v.cost_s / k)
+        v.holders.add(instance_id)
+        self._add_share(instance_id, node, v, v.cost_s / (k + 1))
+
+    def holder_removed(self, node: int, instance_id: str) -> None:
+        v = self._nodes.get(node)
+        if v is None or instance_id not in v.holders:
+            return
+        k = len(v.holders)
+        v.holders.discard(instance_id)
+        v.copies.discard(instance_id)
+        self._add_share(instance_id, node, v, -v.cost_s / k)
+        if v.is_hot:
+            self._hot_of[instance_id].discard(node)
+        if k > 1:
+            self._spread(v, v.cost_s / (k - 1) - v.cost_s / k)
+
+    # ---- charges ---------------------------------------------------------------------------
+    def charge(self, now_s: float, node: int, cost_s: float) -> None:
+        """One request through ``node`` (tracked) costing ``cost_s`` of prefill."""
+        v = self._nodes[node]
+        self._charges.append((now_s, node, cost_s))
+        v.num_requests += 1
+        v.cost_s += cost_s
+        if v.holders:
+            self._spread(v, cost_s / len(v.holders))
+        if not v.is_hot and v.num_requests >= self.hot_min_requests:
+            self._set_hot(node, v, True)
 
     def record_hit(
         self, now_s: float, instance_id: str, cached_tokens: int, prompt_tokens: int
@@ -89,138 +164,122 @@ class WindowedLoad:
         sums[0] += cached_tokens
         sums[1] += prompt_tokens
 
-    def expire(self, now_s: float) -> None:
-        """Drop everything older than the window."""
+    def expire(self, now_s: float) -> list[int]:
+        """Drop everything older than the window; returns the nodes that left it."""
         horizon = now_s - self.window_s
-        while self._charges and self._charges[0].time_s < horizon:
-            c = self._charges.popleft()
-            bucket = self._buckets[c.instance_id][c.node]
-            assert bucket[0] is c, "charges leave their bucket in dispatch order"
-            bucket.popleft()
-            self._bucket_cost[c.instance_id][c.node] -= c.cost_s
-            if c.node in self._hot_on.get(c.instance_id, ()):
-                self._hot_total[c.instance_id] -= c.cost_s
-                if len(bucket) < self.hot_min_requests:
-                    self._set_hot(c.instance_id, c.node, False)
-            self._total[c.instance_id] -= c.cost_s
-            if not bucket:
-                del self._buckets[c.instance_id][c.node]
-                del self._bucket_cost[c.instance_id][c.node]
-            self._count(c.node, -1)
+        left: list[int] = []
+        charges = self._charges
+        while charges and charges[0][0] < horizon:
+            _, node, cost_s = charges.popleft()
+            v = self._nodes[node]
+            v.num_requests -= 1
+            v.cost_s -= cost_s
+            if v.holders:
+                self._spread(v, -cost_s / len(v.holders))
+            if v.is_hot and v.num_requests < self.hot_min_requests:
+                self._set_hot(node, v, False)
+            if v.num_requests == 0:
+                if v.holders:  # float residue of the adds and subtracts
+                    self._spread(v, -v.cost_s / len(v.holders))
+                del self._nodes[node]
+                left.append(node)
         while self._hits and self._hits[0][0] < horizon:
             _, iid, cached, prompt = self._hits.popleft()
             self._hit_sums[iid][0] -= cached
             self._hit_sums[iid][1] -= prompt
-
-    def move(self, node: int, src: str, dst: str) -> float:
-        """Move ``node``'s charges from ``src`` to ``dst``; returns the cost moved."""
-        if self._buckets.get(src, {}).get(node) is None:
-            return 0.0
-        if node in self._hot_on.get(src, ()):
-            self._set_hot(src, node, False)
-        bucket = self._buckets[src].pop(node)
-        cost = self._bucket_cost[src].pop(node)
-        for c in bucket:
-            c.instance_id = dst
-        dst_buckets = self._buckets.setdefault(dst, {})
-        merged = sorted([*dst_buckets.get(node, ()), *bucket], key=lambda c: c.seq)
-        dst_buckets[node] = deque(merged)
-        dst_costs = self._bucket_cost.setdefault(dst, {})
-        dst_costs[node] = dst_costs.get(node, 0.0) + cost
-        if node in self._hot_on.get(dst, ()):
-            self._hot_total[dst] += cost
-        elif len(merged) >= self.hot_min_requests:
-            self._set_hot(dst, node, True)
-        self._total[src] -= cost
-        self._total[dst] = self._total.get(dst, 0.0) + cost
-        return cost
-
-    def _set_hot(self, instance_id: str, node: int, is_hot: bool) -> None:
-        cost = self._bucket_cost[instance_id][node]
-        hot = self._hot_on.setdefault(instance_id, set())
-        if is_hot:
-            hot.add(node)
-        else:
-            hot.discard(node)
-        self._hot_total[instance_id] = self._hot_total.get(instance_id, 0.0) + (
-            cost if is_hot else -cost
-        )
+        return left
 
     # ---- queries ---------------------------------------------------------------------------
-    def hot_total(self, instance_id: str) -> float:
-        """Window cost of the instance's hot nodes (what rebalancing compares and moves)."""
-        return max(0.0, self._hot_total.get(instance_id, 0.0))
+    def share(self, instance_id: str) -> float:
+        """W(g): the window cost of the nodes the instance holds, each split over its holders."""
+        return max(0.0, self._share.get(instance_id, 0.0))  # max: float round-off
 
-    def total(self, instance_id: str) -> float:
-        return max(0.0, self._total.get(instance_id, 0.0))  # max: float round-off after expiry
+    def hot_share(self, instance_id: str) -> float:
+        """W_hot(g): the same over hot nodes only (what rebalancing compares and moves)."""
+        return max(0.0, self._hot_share.get(instance_id, 0.0))
+
+    def hot_nodes(self, instance_id: str) -> list[tuple[float, int]]:
+        """``(C(v) / |holders(v)|, v)`` of the hot nodes the instance holds."""
+        out = []
+        for node in self._hot_of.get(instance_id, ()):
+            v = self._nodes[node]
+            out.append((v.cost_s / len(v.holders), node))
+        return out
+
+    def nodes(self) -> list[int]:
+        return list(self._nodes)
+
+    def shares(self, instance_ids: list[str]) -> list[float]:
+        """``share`` of each instance, in order (one pass, for a decision over all instances)."""
+        get = self._share.get
+        return [max(0.0, get(iid, 0.0)) for iid in instance_ids]
+
+    def num_requests(self, node: int) -> int:
+        v = self._nodes.get(node)
+        return 0 if v is None else v.num_requests
 
     def hit_ratio(self, instance_id: str) -> float | None:
         """Cached / prompt tokens of requests routed to the instance in the window; None if none."""
         sums = self._hit_sums.get(instance_id)
         return sums[0] / sums[1] if sums and sums[1] > 0 else None
 
-    def hot_nodes(self, instance_id: str) -> list[tuple[float, int]]:
-        """``(cost, node)`` of nodes with >= ``hot_min_requests`` requests on the instance."""
-        costs = self._bucket_cost.get(instance_id, {})
-        return [(costs[n], n) for n in self._hot_on.get(instance_id, ())]
+    def __len__(self) -> int:
+        return len(self._nodes)
 
-    def num_requests(self, node: int) -> int:
-        """Requests through ``node`` in the window, over all instances."""
-        return self._node_requests.get(node, 0)
+    # ---- internals -------------------------------------------------------------------------
+    def _spread(self, v: WindowNode, per_holder_s: float) -> None:
+        share, hot = self._share, self._hot_share
+        for iid in v.holders:
+            share[iid] = share.get(iid, 0.0) + per_holder_s
+            if v.is_hot:
+                hot[iid] = hot.get(iid, 0.0) + per_holder_s
 
-    @property
-    def num_hot_nodes(self) -> int:
-        """Nodes with >= ``hot_min_requests`` requests in the window, over all instances."""
-        return self._num_hot
+    def _add_share(self, instance_id: str, node: int, v: WindowNode, amount_s: float) -> None:
+        self._share[instance_id] = self._share.get(instance_id, 0.0) + amount_s
+        if v.is_hot:
+            self._hot_share[instance_id] = self._hot_share.get(instance_id, 0.0) + amount_s
+            self._hot_of.setdefault(instance_id, set()).add(node)
 
-    def _count(self, node: int, delta: int) -> None:
-        before = self._node_requests.get(node, 0)
-        after = before + delta
-        if after:
-            self._node_requests[node] = after
-        else:
-            del self._node_requests[node]
-        k = self.hot_min_requests
-        self._num_hot += (after >= k) - (before >= k)
+    def _set_hot(self, node: int, v: WindowNode, is_hot: bool) -> None:
+        v.is_hot = is_hot
+        if not v.holders:
+            return
+        per_holder = v.cost_s / len(v.holders) * (1 if is_hot else -1)
+        for iid in v.holders:
+            self._hot_share[iid] = self._hot_share.get(iid, 0.0) + per_holder
+            hot = self._hot_of.setdefault(iid, set())
+            if is_hot:
+                hot.add(node)
+            else:
+                hot.discard(node)
 
     def check_consistency(self) -> None:
-        totals: dict[str, float] = {}
-        counts: dict[int, int] = {}
-        for c in self._charges:
-            assert c in self._buckets[c.instance_id][c.node], "charge missing from its bucket"
-            totals[c.instance_id] = totals.get(c.instance_id, 0.0) + c.cost_s
-            counts[c.node] = counts.get(c.node, 0) + 1
-        for iid, total in self._total.items():
-            assert abs(total - totals.get(iid, 0.0)) < 1e-6, f"total of {iid} drifted"
-        assert counts == self._node_requests, "node request counts drifted"
-        assert self._num_hot == sum(k >= self.hot_min_requests for k in counts.values())
-        for iid, buckets in self._buckets.items():
-            hot = {n for n, b in buckets.items() if len(b) >= self.hot_min_requests}
-            assert hot == self._hot_on.get(iid, set()), f"hot nodes of {iid} drifted"
-            hot_cost = sum(self._bucket_cost[iid][n] for n in hot)
-            assert abs(hot_cost - self._hot_total.get(iid, 0.0)) < 1e-6, (
-                f"hot cost of {iid} drifted"
-            )
-
-
-class _Account:
-    """In-flight cost of the requests under one node, as rebalancing accounts it to one
-    instance. A move re-keys it, or merges it into the destination's account leaving a forward
-    pointer, so requests that finish later drain the account their cost was moved to."""
-
-    __slots__ = ("into", "key", "prefill_s", "tokens")
-
-    def __init__(self, key: tuple[str, int]) -> None:
-        self.key = key
-        self.prefill_s = 0.0
-        self.tokens = 0
-        self.into: _Account | None = None
-
-    def resolve(self) -> _Account:
-        acc = self
-        while acc.into is not None:
-            acc = acc.into
-        return acc
+        """Recompute every derived sum from the charges and compare (tests call this)."""
+        cost: dict[int, float] = {}
+        count: dict[int, int] = {}
+        for _, node, c in self._charges:
+            cost[node] = cost.get(node, 0.0) + c
+            count[node] = count.get(node, 0) + 1
+        assert set(count) == set(self._nodes), "tracked nodes differ from the charged ones"
+        share: dict[str, float] = {}
+        hot_share: dict[str, float] = {}
+        hot_of: dict[str, set[int]] = {}
+        for node, v in self._nodes.items():
+            assert v.num_requests == count[node], f"request count of {node} drifted"
+            assert abs(v.cost_s - cost[node]) < 1e-6, f"cost of {node} drifted"
+            assert v.is_hot == (v.num_requests >= self.hot_min_requests), f"{node} hot flag"
+            for iid in v.holders:
+                share[iid] = share.get(iid, 0.0) + v.cost_s / len(v.holders)
+                if v.is_hot:
+                    hot_share[iid] = hot_share.get(iid, 0.0) + v.cost_s / len(v.holders)
+                    hot_of.setdefault(iid, set()).add(node)
+        for iid in set(share) | set(self._share):
+            assert abs(self._share.get(iid, 0.0) - share.get(iid, 0.0)) < 1e-6, f"W({iid})"
+        for iid in set(hot_share) | set(self._hot_share):
+            got = self._hot_share.get(iid, 0.0)
+            assert abs(got - hot_share.get(iid, 0.0)) < 1e-6, f"W_hot({iid})"
+        for iid in set(hot_of) | set(self._hot_of):
+            assert self._hot_of.get(iid, set()) == hot_of.get(iid, set()), f"hot nodes of {iid}"
 
 
 @dataclass
@@ -229,26 +288,18 @@ class _Flight:
     prefill_s: float  # pending prefill time; counted until the prefill is done
     output_tokens: int  # expected output; counted until finished (colocated instances)
     node: int | None  # the request's deepest important node (None: prompt has no full block)
-    account: _Account | None
     is_prefill_done: bool = False
 
 
 class InFlightLoad:
-    """Work dispatched and not yet done, twice: per instance where it runs (``cost``, for routing)
-    and per (instance, node) accounts that rebalancing may move (``account_cost``).
+    """Work dispatched to each instance and not done yet, updated at dispatch time."""
 
-    A prefill-only instance is charged the request's pending ``PrefillTime``; a colocated one its
-    expected output tokens (times the instance's TPOT when read), Preble's decode cost. Each
-    request is accounted under its deepest important node.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, batch_overhead_s: float = 0.0) -> None:
+        self.batch_overhead_s = batch_overhead_s
         self._flights: dict[str, _Flight] = {}
-        self._prefill_s: dict[str, float] = {}  # where the work runs
+        self._prefill_s: dict[str, float] = {}
+        self._num_pending: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
-        self._accounts: dict[tuple[str, int], _Account] = {}
-        self._acc_prefill_s: dict[str, float] = {}  # Σ accounts keyed to the instance
-        self._acc_tokens: dict[str, int] = {}
 
     def add(
         self,
@@ -258,14 +309,9 @@ class InFlightLoad:
         output_tokens: int,
         node: int | None,
     ) -> None:
-        acc = None
-        if node is not None:
-            acc = self._accounts.get((instance_id, node))
-            if acc is None:
-                acc = self._accounts[(instance_id, node)] = _Account((instance_id, node))
-            self._adjust(acc, prefill_s, output_tokens)
-        self._flights[request_id] = _Flight(instance_id, prefill_s, output_tokens, node, acc)
+        self._flights[request_id] = _Flight(instance_id, prefill_s, output_tokens, node)
         self._prefill_s[instance_id] = self._prefill_s.get(instance_id, 0.0) + prefill_s
+        self._num_pending[instance_id] = self._num_pending.get(instance_id, 0) + 1
         self._tokens[instance_id] = self._tokens.get(instance_id, 0) + output_tokens
 
     def prefill_done(self, request_id: str) -> int | None:
@@ -275,7 +321,7 @@ class InFlightLoad:
             return None
         flight.is_prefill_done = True
         self._prefill_s[flight.instance_id] -= flight.prefill_s
-        self._drain(flight, flight.prefill_s, 0)
+        self._num_pending[flight.instance_id] -= 1
         flight.prefill_s = 0.0
         return flight.node
 
@@ -284,55 +330,26 @@ class InFlightLoad:
         flight = self._flights.pop(request_id, None)
         if flight is not None:
             self._tokens[flight.instance_id] -= flight.output_tokens
-            self._drain(flight, 0.0, flight.output_tokens)
+
+    def pending_prefill_s(self, instance_id: str) -> float:
+        """Prefill time dispatched to the instance and not done: its queue, in seconds (the
+        batch overhead is paid once, as queued prompts run together)."""
+        if not self._num_pending.get(instance_id):
+            return 0.0
+        return max(0.0, self._prefill_s[instance_id]) + self.batch_overhead_s
+
+    def pending(self, instance_ids: list[str]) -> list[float]:
+        """``pending_prefill_s`` of each instance, in order."""
+        count, total, overhead = self._num_pending.get, self._prefill_s, self.batch_overhead_s
+        return [max(0.0, total[iid]) + overhead if count(iid) else 0.0 for iid in instance_ids]
+
+    def output_tokens(self, instance_id: str) -> int:
+        """Expected output tokens of the requests in flight on the instance (colocated)."""
+        return self._tokens.get(instance_id, 0)
 
     def cost(self, instance_id: str, tpot_s: float) -> float:
-        """In-flight cost of the work running on the instance."""
-        return self._prefill_s.get(instance_id, 0.0) + self._tokens.get(instance_id, 0) * tpot_s
-
-    def account_cost(self, instance_id: str, tpot_s: float) -> float:
-        """In-flight cost accounted to the instance (moved nodes included)."""
-        return (
-            self._acc_prefill_s.get(instance_id, 0.0)
-            + self._acc_tokens.get(instance_id, 0) * tpot_s
-        )
-
-    def node_cost(self, instance_id: str, node: int, tpot_s: float) -> float:
-        acc = self._accounts.get((instance_id, node))
-        return 0.0 if acc is None else acc.prefill_s + acc.tokens * tpot_s
-
-    def move(self, node: int, src: str, dst: str) -> None:
-        """Account ``node``'s in-flight cost on ``src`` to ``dst`` from now on."""
-        acc = self._accounts.pop((src, node), None)
-        if acc is None:
-            return
-        prefill_s, tokens = acc.prefill_s, acc.tokens
-        self._sum(src, -prefill_s, -tokens)
-        target = self._accounts.get((dst, node))
-        if target is None:
-            acc.key = (dst, node)
-            self._accounts[acc.key] = acc
-            self._sum(dst, prefill_s, tokens)
-        else:
-            acc.prefill_s, acc.tokens, acc.into = 0.0, 0, target
-            self._adjust(target, prefill_s, tokens)
-
-    def _adjust(self, acc: _Account, prefill_s: float, tokens: int) -> None:
-        acc.prefill_s += prefill_s
-        acc.tokens += tokens
-        self._sum(acc.key[0], prefill_s, tokens)
-
-    def _sum(self, instance_id: str, prefill_s: float, tokens: int) -> None:
-        self._acc_prefill_s[instance_id] = self._acc_prefill_s.get(instance_id, 0.0) + prefill_s
-        self._acc_tokens[instance_id] = self._acc_tokens.get(instance_id, 0) + tokens
-
-    def _drain(self, flight: _Flight, prefill_s: float, tokens: int) -> None:
-        if flight.account is None:
-            return
-        acc = flight.account.resolve()
-        self._adjust(acc, -prefill_s, -tokens)
-        if acc.tokens <= 0 and acc.prefill_s <= 1e-12 and self._accounts.get(acc.key) is acc:
-            del self._accounts[acc.key]
+        """Pending prefill + expected decode time of the work dispatched to the instance."""
+        return self.pending_prefill_s(instance_id) + self._tokens.get(instance_id, 0) * tpot_s
 
     def check_consistency(self) -> None:
         for iid, total in self._prefill_s.items():
@@ -343,6 +360,3 @@ class InFlightLoad:
                 f.output_tokens for f in self._flights.values() if f.instance_id == iid
             )
             assert tokens == expect_tokens, f"in-flight output tokens of {iid} drifted"
-        for iid, total in self._acc_prefill_s.items():
-            expect = sum(a.prefill_s for a in self._accounts.values() if a.key[0] == iid)
-            assert abs(total - expect) < 1e-6, f"accounted prefill time of {iid} drifted"
