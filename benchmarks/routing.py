@@ -11,6 +11,8 @@ latency fit, driving the same policy objects the live router uses. Three parts:
 3. decision time — ``choose_prefill`` wall and CPU time with 64 instances and 10k cached prefixes.
 
     python benchmarks/routing.py --quick --out routing.json --plot routing.png [--trace PATH]
+    python benchmarks/routing.py --quick --parts routing --sizes 4,16,64 --all-workloads \
+        --policies round_robin,cache_aware,preble,d2lpm --trace PATH --markdown table.md
 """
 
 from __future__ import annotations
@@ -96,7 +98,14 @@ def row_of(result: Any, **labels: Any) -> Row:
 
 
 def run_routing(
-    name: str, n: int, num_requests: int, load: float, seed: int, trace: str | None, mode: str
+    name: str,
+    n: int,
+    num_requests: int,
+    load: float,
+    seed: int,
+    trace: str | None,
+    mode: str,
+    policies: list[str] = POLICIES,
 ) -> list[Row]:
     lat, kv = opt13b_a100(), 66144
     if name == "mooncake":  # prompts up to 191k tokens: OPT-13B at TP=4 (KV for 356k tokens)
@@ -110,7 +119,7 @@ def run_routing(
     else:
         reqs = with_arrivals(reqs, poisson_arrivals(len(reqs), rate, seed=seed))
     rows = []
-    for policy in POLICIES:
+    for policy in policies:
         t0 = time.perf_counter()
         registry_name, options = VARIANTS.get(policy, (policy, {}))
         spec = cluster_for(n, registry_name, lat, kv, mode)
@@ -175,7 +184,13 @@ def run_fairness(n: int, num_requests: int, overload: float, seed: int) -> list[
     return rows
 
 
-def decision_time(num_instances: int, num_prefixes: int, num_probes: int, seed: int) -> list[Row]:
+def decision_time(
+    num_instances: int,
+    num_prefixes: int,
+    num_probes: int,
+    seed: int,
+    policies: tuple[str, ...] = ("round_robin", "cache_aware", "preble", "d2lpm"),
+) -> list[Row]:
     """Route ``num_prefixes`` distinct 512-token prefixes (16-token blocks) over the instances,
     then time ``num_probes`` decisions for requests that reuse one of them or bring a new one.
     Wall time includes this shared machine's scheduling noise; CPU time (thread) excludes it."""
@@ -184,7 +199,7 @@ def decision_time(num_instances: int, num_prefixes: int, num_probes: int, seed: 
         for i in range(num_instances)
     ]
     out = []
-    for policy_name in ("round_robin", "cache_aware", "preble", "d2lpm"):
+    for policy_name in policies:
         rng = np.random.default_rng(seed)
         policy = make_policy(policy_name)
         wall_ns, cpu_ns = [], []
@@ -209,6 +224,7 @@ def decision_time(num_instances: int, num_prefixes: int, num_probes: int, seed: 
             "cached_prefixes": num_prefixes,
             "p50_wall_ms": round(float(np.percentile(wall, 50)), 4),
             "p99_wall_ms": round(float(np.percentile(wall, 99)), 4),
+            "p50_cpu_ms": round(float(np.percentile(cpu, 50)), 4),
             "p99_cpu_ms": round(float(np.percentile(cpu, 99)), 4),
         }
         print(json.dumps(row), flush=True)
@@ -238,10 +254,11 @@ def plot(rows: list[Row], path: str) -> None:
 
     routing = [r for r in rows if r["part"] == "routing"]
     keys = sorted({(r["workload"], r["instances"]) for r in routing})
+    policies = list(dict.fromkeys(r["policy"] for r in routing))
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(keys)), 8))
-    width = 0.8 / len(POLICIES)
+    width = 0.8 / len(policies)
     for ax, metric in zip(axes, ("avg_e2e_s", "p99_e2e_s")):
-        for j, policy in enumerate(POLICIES):
+        for j, policy in enumerate(policies):
             vals = [
                 next(
                     r[metric]
@@ -261,6 +278,40 @@ def plot(rows: list[Row], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown(rows: list[Row]) -> str:
+    """The routing rows as a markdown table (one row per workload × size × policy), then the
+    decision-time rows."""
+    lines = [
+        "| workload | N | policy | TTFT avg (s) | TTFT p99 (s) | E2E avg (s) | E2E p99 (s) | hit rate |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r["part"] == "routing":
+            lines.append(
+                f"| {r['workload']} | {r['instances']} | {r['policy']} | {r['avg_ttft_s']:.3f} | "
+                f"{r['p99_ttft_s']:.3f} | {r['avg_e2e_s']:.3f} | {r['p99_e2e_s']:.3f} | "
+                f"{r['prefix_hit_rate']:.3f} |"
+            )
+    timing = [r for r in rows if r["part"] == "decision_time"]
+    if timing:
+        lines += [
+            "",
+            "| policy | instances | cached prefixes | p50 wall (ms) | p99 wall (ms) | p50 CPU (ms) | p99 CPU (ms) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in timing:
+            lines.append(
+                f"| {r['policy']} | {r['instances']} | {r['cached_prefixes']} | "
+                f"{r['p50_wall_ms']:.4f} | {r['p99_wall_ms']:.4f} | {r['p50_cpu_ms']:.4f} | "
+                f"{r['p99_cpu_ms']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -269,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace", help="a Mooncake-format JSONL trace to add as a workload")
     ap.add_argument("--out", help="write all rows as JSON here")
     ap.add_argument("--plot", help="write a PNG of avg/p99 E2E per workload, size and policy")
+    ap.add_argument("--markdown", help="write the routing and decision-time tables here")
     ap.add_argument(
         "--load",
         type=float,
@@ -277,40 +329,67 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--mode", choices=["disagg", "colocated"], default="disagg")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--parts",
+        default="routing,fairness,decision",
+        help="comma list of routing, fairness, decision",
+    )
+    ap.add_argument("--workloads", help="comma list of routing workloads (default: per --quick)")
+    ap.add_argument(
+        "--all-workloads",
+        action="store_true",
+        help="all five Preble-like workloads, and every size for each (also with --quick)",
+    )
+    ap.add_argument("--sizes", help="comma list of instance counts (default 4,16,64)")
+    ap.add_argument("--policies", help=f"comma list (default {','.join(POLICIES)})")
     args = ap.parse_args(argv)
 
-    workloads = (
-        ["tool_use", "agent", "video_qa"]
-        if args.quick
-        else ["tool_use", "agent", "programming", "video_qa", "long_doc_qa"]
-    )
-    sizes = {4: 2000, 16: 6000, 64: 16000} if args.quick else {4: 4000, 16: 12000, 64: 32000}
-    if args.trace:
+    parts = set(_csv(args.parts))
+    all_workloads = ["tool_use", "agent", "programming", "video_qa", "long_doc_qa"]
+    if args.workloads:
+        workloads = _csv(args.workloads)
+    elif args.quick and not args.all_workloads:
+        workloads = ["tool_use", "agent", "video_qa"]
+    else:
+        workloads = all_workloads
+    requests_at = {4: 2000, 16: 6000, 64: 16000} if args.quick else {4: 4000, 16: 12000, 64: 32000}
+    sizes = [int(x) for x in _csv(args.sizes)] if args.sizes else [4, 16, 64]
+    policies = _csv(args.policies) if args.policies else POLICIES
+    if args.trace and "mooncake" not in workloads:
         workloads.append("mooncake")
+    every_size = args.all_workloads or bool(args.workloads) or bool(args.sizes)
     rows: list[Row] = []
     t0 = time.perf_counter()
-    for name in workloads:
-        for n, num in sizes.items():
-            if args.quick and n == 64 and name != workloads[0]:
-                continue
-            rows += run_routing(
-                name,
-                n,
-                min(num, 3993) if name == "mooncake" else num,
-                args.load,
-                args.seed,
-                args.trace,
-                args.mode,
-            )
-    for n in (2,) if args.quick else (2, 4):
-        rows += run_fairness(n, 3000 if args.quick else 3000 * n, overload=3.0, seed=args.seed)
-    rows += decision_time(64, 10_000, 1000 if args.quick else 5000, args.seed)
+    if "routing" in parts:
+        for name in workloads:
+            for n in sizes:
+                if args.quick and n == 64 and name != workloads[0] and not every_size:
+                    continue
+                num = requests_at.get(n, 250 * n)
+                rows += run_routing(
+                    name,
+                    n,
+                    min(num, 3993) if name == "mooncake" else num,
+                    args.load,
+                    args.seed,
+                    args.trace,
+                    args.mode,
+                    policies,
+                )
+    if "fairness" in parts:
+        for n in (2,) if args.quick else (2, 4):
+            rows += run_fairness(n, 3000 if args.quick else 3000 * n, overload=3.0, seed=args.seed)
+    if "decision" in parts:
+        rows += decision_time(64, 10_000, 1000 if args.quick else 5000, args.seed)
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows))
 
 
 if __name__ == "__main__":
