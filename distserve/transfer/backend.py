@@ -9,6 +9,12 @@ A backend matches messages between one pair of ranks in the order they were post
 carries no tags: that is NCCL's model, and the gloo backend keeps to it (one constant tag) so
 that the ordering the sender enforces is what the gloo tests check.
 
+A send may carry a ``before_post`` hook: the sender's "write the header, gather the chunk"
+step. The backend runs it right before it posts the send, on the thread that posts it (gloo's
+per-peer poster thread, or the caller), so the gather of a chunk happens just ahead of its write
+to the wire and off the engine thread where a poster exists. If it raises, the send fails
+without being posted.
+
 A receive may carry an ``on_arrival`` hook: the receiver's "check the header, scatter the
 chunk" step. The backend runs it once the bytes are in, and its op reports done only after the
 hook returned, so a receiver that sees ``is_done()`` knows the hook's work is over. Where it runs
@@ -31,16 +37,17 @@ class TransferBackendError(RuntimeError):
 
 
 ArrivalHook = Callable[[], None]  # run once a receive's bytes are in; see the module docstring
+PostHook = Callable[[], None]  # run right before a send is posted; see the module docstring
 
 
-def run_arrival_hook(hook: ArrivalHook | None, what: str) -> str | None:
-    """Run ``hook``; the error text for the op when it raised, else None."""
+def run_hook(hook: Callable[[], None] | None, what: str) -> str | None:
+    """Run an op's ``before_post``/``on_arrival`` hook; the op's error text if it raised."""
     if hook is None:
         return None
     try:
         hook()
-    except Exception as err:  # any failure of the hook fails the receive, visibly
-        return f"{what}: handling the arrived message failed: {err!r}"
+    except Exception as err:  # any failure of the hook fails the op, visibly
+        return f"{what}: preparing or handling the message failed: {err!r}"
     return None
 
 
@@ -62,8 +69,13 @@ class TransferBackend(abc.ABC):
         """Where message buffers must live for a cache on ``cache_device``."""
 
     @abc.abstractmethod
-    def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
-        """Post a send of the whole (contiguous, uint8) ``message`` to global rank ``peer_rank``."""
+    def isend(
+        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+    ) -> PendingOp:
+        """Post a send of the whole (contiguous, uint8) ``message`` to global rank ``peer_rank``.
+
+        Sends to one peer are posted in the order of these calls. ``before_post`` runs once,
+        right before the send is posted; if it raises, the op fails with its error."""
 
     @abc.abstractmethod
     def irecv(

@@ -3,8 +3,10 @@
 Owns :class:`TransferStream` and :class:`Fence`. On CPU everything runs inline and every fence is
 already passed. On CUDA the copies run on a side stream, so that they overlap the engine's
 compute and the host never blocks on them: a gather first waits (on the device, not the host)
-for the compute already queued — the forward that wrote the KV — and each batch of copies ends
-in an event that ``poll()`` queries. The CUDA branch is not exercised by the CPU test suite.
+for the compute queued before ``start_send`` — the forward that wrote the KV, marked by
+:meth:`TransferStream.compute_mark` on the engine thread, so that a gather queued later or from
+another thread still waits for exactly that — and each batch of copies ends in an event that
+``poll()`` queries. The CUDA branch is not exercised by the CPU test suite.
 """
 
 from __future__ import annotations
@@ -44,18 +46,23 @@ class TransferStream:
     def __init__(self, device: torch.device) -> None:
         self._stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
 
-    @contextlib.contextmanager
-    def use(self, after_compute: bool = False) -> Iterator[None]:
-        """Run the enclosed copies on the transfer stream.
+    def compute_mark(self) -> torch.cuda.Event | None:
+        """An event behind the work queued so far on the caller's current stream (CPU: None)."""
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._stream.device))
+        return event
 
-        ``after_compute`` makes them wait for the work already queued on the caller's current
-        stream (a sender gathering KV that the last forward wrote).
-        """
+    @contextlib.contextmanager
+    def use(self, after: torch.cuda.Event | None = None) -> Iterator[None]:
+        """Run the enclosed copies on the transfer stream, after the ``after`` mark if given
+        (a sender gathering KV that the last forward wrote)."""
         if self._stream is None:
             yield
             return
-        if after_compute:
-            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        if after is not None:
+            self._stream.wait_event(after)
         with torch.cuda.stream(self._stream):
             yield
 

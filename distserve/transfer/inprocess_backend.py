@@ -4,8 +4,9 @@ Owns :class:`InProcessFabric` (the "network": per-(src, dst) FIFO queues of post
 receives) and :class:`InProcessBackend` (one rank's endpoint on it). Matching follows the same
 rule as NCCL and our gloo backend: the k-th send posted from ``src`` to ``dst`` fills the k-th
 receive posted by ``dst`` from ``src``; a size mismatch fails both ops (gloo raises, NCCL would
-hang or corrupt). A receive's ``on_arrival`` hook runs inside the call that delivers it (the
-matching ``isend``, ``resume()`` or ``deliver()``), standing in for gloo's waiter thread. A test
+hang or corrupt). A send's ``before_post`` hook runs inside ``isend``; a receive's
+``on_arrival`` hook inside the call that delivers it (the matching ``isend``, ``resume()`` or
+``deliver()``), standing in for gloo's waiter thread. A test
 can ``pause()`` delivery to hold ops in flight, ``resume()`` it, and ``fail_pair()`` to simulate
 a dead peer. While paused, ``deliver()`` lets a given number of a pair's messages through (a
 transfer caught between two chunks).
@@ -21,10 +22,11 @@ import torch
 from distserve.transfer.backend import (
     ArrivalHook,
     PendingOp,
+    PostHook,
     TransferBackend,
     TransferBackendError,
     register_backend,
-    run_arrival_hook,
+    run_hook,
 )
 
 
@@ -114,7 +116,7 @@ class InProcessFabric:
                 continue
             recv.message.copy_(send.message)
             send.is_complete = True
-            recv.error = run_arrival_hook(recv.on_arrival, f"receive on pair {pair}")
+            recv.error = run_hook(recv.on_arrival, f"receive on pair {pair}")
             recv.is_complete = recv.error is None
 
 
@@ -129,7 +131,14 @@ class InProcessBackend(TransferBackend):
     def wire_device(self, cache_device: torch.device) -> torch.device:
         return cache_device
 
-    def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
+    def isend(
+        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+    ) -> PendingOp:
+        error = run_hook(before_post, f"send to rank {peer_rank}")
+        if error is not None:  # not posted: the pair's queues never see it
+            op = _InProcessOp(message)
+            op.error = error
+            return op
         return self._fabric.post(self._rank, peer_rank, message, is_send=True)
 
     def irecv(

@@ -1,17 +1,18 @@
 """The sender's records and its per-destination queues that issue chunks strictly in order.
 
 Owns :class:`SendQueues` and the records it orders (:class:`OutTransfer`, :class:`OutMessage`,
-:class:`OutChunk`). It does not gather, post or poll: ``sender.py`` hands it messages as their
-chunks are gathered and gives it the function that posts one chunk.
+:class:`OutChunk`). It does not gather, post or poll: ``sender.py`` hands it messages and gives
+it the function that issues one chunk (hands it to the backend, which gathers and posts it).
 
 Per destination rank, messages wait by ``seq_no``; the queue issues the chunks of the message
-whose turn it is (``seq_no`` = the destination's next) in chunk order as far as they are
-gathered, and moves to the next ``seq_no`` only once every chunk of this one is issued::
+whose turn it is (``seq_no`` = the destination's next) in chunk order — as far as they are
+ready: always on CPU, once their gather fence passed with a CUDA cache on a host wire — and
+moves to the next ``seq_no`` only once every chunk of this one is issued::
 
     destination 5:  next_seq_no = 3
-        seq 3: chunks [c0 issued][c1 issued][c2 gathered][c3 gathering…]  ← issuing
-        seq 4: chunks [c0 gathered][c1 gathered]                          ← waits for seq 3
-        seq 6: …                                                          ← waits for seq 5
+        seq 3: chunks [c0 issued][c1 issued][c2 ready][c3 gathering…]  ← issuing
+        seq 4: chunks [c0 ready][c1 ready]                             ← waits for seq 3
+        seq 6: …                                                       ← waits for seq 5
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from distserve.transfer.backend import PendingOp, TransferBackendError
 from distserve.transfer.chunking import ChunkSpan
 from distserve.transfer.descriptor import TransferDescriptor, TransferState
-from distserve.transfer.device_stream import Fence
+from distserve.transfer.device_stream import PASSED_FENCE, Fence
 from distserve.transfer.plan import HeadSlice
 
 
@@ -34,7 +35,9 @@ class OutChunk:
 
     span: ChunkSpan
     buffer: torch.Tensor  # header + payload, uint8, on the backend's wire device
-    gather_fence: Fence  # passed once the payload holds the gathered blocks
+    is_gathered: bool = False  # gathered by start_send (CUDA cache, host wire); else by the fill
+    gather_fence: Fence = PASSED_FENCE  # start_send's gather done: the chunk may be issued
+    fill_fence: Fence = PASSED_FENCE  # behind the fill's device copies (CUDA: an event)
     op: PendingOp | None = None  # set when the isend is issued
 
 
@@ -46,7 +49,7 @@ class OutMessage:
     dst_rank: int  # global rank of the decode rank
     head_slice: HeadSlice
     spans: tuple[ChunkSpan, ...]  # the pair's chunk plan
-    is_void: bool  # send VOID headers from the next unissued chunk on
+    is_void: bool  # a void send: every chunk goes out with a VOID header
     chunks: list[OutChunk] = field(default_factory=list)  # gathered (or void) so far, in order
     num_issued: int = 0  # chunks[:num_issued] have their isend posted
 
@@ -63,8 +66,12 @@ class OutMessage:
 class OutTransfer:
     desc: TransferDescriptor
     started_s: float
+    index: torch.Tensor | None = None  # the block ids as a gather index; None for a void send
+    compute_mark: torch.cuda.Event | None = None  # gathers wait for it (CUDA: the KV's forward)
     messages: list[OutMessage] = field(default_factory=list)
     state: TransferState = TransferState.QUEUED
+    is_closed: bool = False  # under ChunkFiller's lock: no new gather may start
+    num_filling: int = 0  # under ChunkFiller's lock: fills running right now
 
     def chunks(self) -> list[OutChunk]:
         return [chunk for message in self.messages for chunk in message.chunks]
@@ -120,7 +127,8 @@ class SendQueues:
                 assert message.dst_rank == dst_rank and not message.is_all_issued
                 assert seq_no == next_seq_no or message.num_issued == 0, "issued out of turn"
                 assert all(c.op is None for c in message.chunks[message.num_issued :])
-                assert message.is_void or message.transfer.desc.transfer_id in live_transfer_ids
+                is_live = message.transfer.desc.transfer_id in live_transfer_ids
+                assert is_live != message.transfer.is_closed, "a message outlived its transfer"
 
 
 class FailedOp(PendingOp):

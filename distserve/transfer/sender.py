@@ -14,16 +14,18 @@ Per transfer, on this rank::
 
 Each (transfer, destination rank) pair is cut into chunks (``chunking.py``), one message each:
 an ``index_select`` of the chunk's blocks (restricted to the heads that destination owns) into
-the payload of a flat buffer, then one ``isend``. ``start_send`` gathers chunk by chunk, round
-robin over the destinations, and issues each chunk as soon as it is gathered when it is that
-destination's turn, so the wire carries chunk k while the calling thread gathers chunk k+1.
+the payload of a flat buffer, then one ``isend``. ``start_send`` only plans the chunks, takes
+their buffers and issues them in their turn; the gather of each chunk is the send's
+``before_post`` hook (``send_fill.py``), which the backend runs right before posting it.
 
-Threads: on CPU every gather runs on the calling (engine) thread inside ``start_send``, as the
-unchunked gather did. Issuing a chunk only queues it: with gloo the backend's send thread for
-that destination posts the ``isend`` — whose socket write is a copy as long as a gather — and
-waits on it, while this thread gathers the next chunk (``torch_backends.py``). On CUDA the
-gathers are queued on the transfer stream and a chunk is issued by the first
-``start_send``/``poll`` that finds its gather fence passed.
+Threads: with gloo, the backend's poster thread for the destination gathers each chunk and
+posts it (its socket write is a copy as long as the gather, done while the chunk is still in
+cache), while gloo's I/O thread finishes writing the previous one; ``start_send`` returns at
+once and the engine thread never copies KV (a chunk of at most 1 MiB to an idle poster is
+gathered and posted inline: ``torch_backends.py``). With nccl the gather is queued on the
+transfer stream inside ``isend``, ahead of the send. With a CUDA cache on the gloo (host) wire,
+``start_send`` queues every gather and its copy to pinned memory on the transfer stream, and a
+chunk is issued by the first ``start_send``/``poll`` that finds its gather fence passed.
 
 Ordering. A decode rank posts its receives in (``seq_no``, chunk) order and every backend
 matches a pair's messages first-posted-first-matched, so the sender issues chunk c of ``seq_no``
@@ -35,34 +37,32 @@ instead of scattering the wrong KV.
 
 Every posted receive must be filled, or the pair stalls forever. So a sender never drops a
 chunk: a send it cannot honour (the blocks' lease expired: :meth:`KVSender.start_void_send`;
-cancelled or timed out before its turn) is still sent, as VOID chunks of the right sizes that
-the receiver discards and reports as failed.
+cancelled, failed or timed out before the chunk was gathered) is still sent, as VOID chunks of
+the right sizes that the receiver discards and reports as failed.
 
-Results are reported only once the gathers have finished reading the source blocks (immediate
-on CPU; CUDA events with a CUDA cache), so the driver may free the blocks as soon as it sees one.
+Results are reported only once no gather reads the source blocks any more (a gather already
+running when the transfer ends finishes first; CUDA events with a CUDA cache), and no gather
+starts after ``cancel`` or the result, so the driver may free the blocks as soon as it sees one.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from distserve.transfer.backend import TransferBackend, TransferBackendError
-from distserve.transfer.block_copy import block_index, gather_blocks
+from distserve.transfer.block_copy import block_index
 from distserve.transfer.buffer_pool import DEFAULT_MAX_POOLED_BYTES, MessagePool
 from distserve.transfer.checks import check_block_ids, check_cache, check_member
-from distserve.transfer.chunking import (
-    DEFAULT_CHUNK_BYTES,
-    ChunkSpan,
-    check_chunk_bytes,
-    plan_chunks,
-)
+from distserve.transfer.chunking import DEFAULT_CHUNK_BYTES, check_chunk_bytes, plan_chunks
 from distserve.transfer.descriptor import TransferDescriptor, TransferResult, TransferState
-from distserve.transfer.device_stream import PASSED_FENCE, TransferStream
+from distserve.transfer.device_stream import TransferStream
 from distserve.transfer.pending import FencedResults, OrphanOps, is_settled
 from distserve.transfer.plan import HeadSlice
+from distserve.transfer.send_fill import ChunkFiller, gather_chunk
 from distserve.transfer.send_queue import (
     FailedOp,
     OutChunk,
@@ -70,15 +70,7 @@ from distserve.transfer.send_queue import (
     OutTransfer,
     SendQueues,
 )
-from distserve.transfer.wire import (
-    HEADER_BYTES,
-    MessageHeader,
-    MessageKind,
-    message_bytes,
-    payload_view,
-    transfer_tag,
-    write_header,
-)
+from distserve.transfer.wire import HEADER_BYTES, message_bytes
 
 
 class KVSender:
@@ -104,29 +96,32 @@ class KVSender:
         self._wire_device = backend.wire_device(kv_cache.device)
         self._is_pinned = self._wire_device.type == "cpu" and kv_cache.device.type == "cuda"
         self._stream = TransferStream(kv_cache.device)
+        self._filler = ChunkFiller(kv_cache, self._stream, rank)
         self._transfers: dict[str, OutTransfer] = {}
         self._queues = SendQueues(self._issue)
-        self._finished = FencedResults()  # reported once the gathers stopped reading the blocks
+        self._finished = FencedResults()  # reported once no gather reads the blocks any more
         self._pool = MessagePool(max_pooled_bytes)
         self._orphans = OrphanOps(self._pool.release)
 
     # ---- calls from the engine step ------------------------------------------------------
 
     def start_send(self, desc: TransferDescriptor, src_block_ids: Sequence[int]) -> None:
-        """Gather ``src_block_ids`` (this rank's cache) and send them to the decode ranks."""
+        """Send ``src_block_ids`` (this rank's cache) to the decode ranks; gathers as it goes."""
         slices = self._my_slices(desc)
         block_ids = check_block_ids(src_block_ids, desc.num_blocks, self._cache)
         transfer = self._new_transfer(desc, slices)
-        messages = [self._enqueue(transfer, head_slice, is_void=False) for head_slice in slices]
-        if not messages:
+        if not slices:
             return
-        with self._stream.use(after_compute=True):
-            index = block_index(block_ids, self._cache.device)
-            for chunk_index in range(max(len(m.spans) for m in messages)):
-                for message in messages:  # round robin: every destination's wire starts early
-                    if chunk_index < len(message.spans):
-                        self._gather(message, message.spans[chunk_index], index)
-                        self._queues.issue_ready(message.dst_rank)
+        transfer.compute_mark = self._stream.compute_mark()  # the forward that wrote the KV
+        with self._stream.use(after=transfer.compute_mark):
+            transfer.index = block_index(block_ids, self._cache.device)
+            for head_slice in slices:
+                message = self._enqueue(transfer, head_slice, is_void=False)
+                if self._is_pinned:  # host wire, CUDA cache: gather now, on the stream
+                    for chunk in message.chunks:
+                        gather_chunk(self._cache, desc, message, chunk)
+                        chunk.is_gathered, chunk.gather_fence = True, self._stream.fence()
+                self._queues.issue_ready(message.dst_rank)
 
     def start_void_send(self, desc: TransferDescriptor, reason: str) -> None:
         """Answer a request whose KV this rank no longer has: fill the decode side's receives
@@ -135,15 +130,12 @@ class KVSender:
         transfer = self._new_transfer(desc, slices)
         for head_slice in slices:
             message = self._enqueue(transfer, head_slice, is_void=True)
-            for span in message.spans:
-                buffer = self._acquire(message, span)
-                message.chunks.append(OutChunk(span, buffer, PASSED_FENCE))
             self._queues.issue_ready(message.dst_rank)
         if slices:
             self._finish(transfer, TransferState.CANCELLED, f"void send: {reason}")
 
     def cancel(self, transfer_id: str) -> bool:
-        """Stop a send. Chunks not yet issued go out VOID in their turn; issued ones complete.
+        """Stop a send. Chunks not gathered yet go out VOID in their turn; the rest complete.
         False when the transfer is unknown or already reported."""
         transfer = self._transfers.get(transfer_id)
         if transfer is None:
@@ -183,6 +175,7 @@ class KVSender:
         self._queues.check_consistency(set(self._transfers))
         for transfer in self._transfers.values():
             assert transfer.state in (TransferState.QUEUED, TransferState.IN_FLIGHT)
+            assert not transfer.is_closed, transfer.desc.transfer_id
             is_all_issued = all(m.is_all_issued for m in transfer.messages)
             assert is_all_issued == (transfer.state is TransferState.IN_FLIGHT)
             for message in transfer.messages:
@@ -210,53 +203,30 @@ class KVSender:
         return transfer
 
     def _enqueue(self, transfer: OutTransfer, head_slice: HeadSlice, is_void: bool) -> OutMessage:
-        """Plan the pair's chunks and queue its message (chunks are added as they are ready)."""
+        """Plan the pair's chunks, take their buffers and queue the message."""
         desc = transfer.desc
         block_bytes = message_bytes(desc.spec, 1, head_slice.num_heads) - HEADER_BYTES
         spans = plan_chunks(desc.num_blocks, block_bytes, self._chunk_bytes)
         dst_rank = desc.dst_ranks[head_slice.dst_tp_rank]
         message = OutMessage(transfer, dst_rank, head_slice, spans, is_void)
+        for span in spans:
+            num_bytes = message_bytes(desc.spec, span.num_blocks, head_slice.num_heads)
+            buffer = self._pool.acquire(num_bytes, self._wire_device, self._is_pinned)
+            message.chunks.append(OutChunk(span, buffer))
         transfer.messages.append(message)
         self._queues.add(message)
         return message
 
-    def _acquire(self, message: OutMessage, span: ChunkSpan) -> torch.Tensor:
-        spec = message.transfer.desc.spec
-        num_bytes = message_bytes(spec, span.num_blocks, message.head_slice.num_heads)
-        return self._pool.acquire(num_bytes, self._wire_device, self._is_pinned)
-
-    def _gather(self, message: OutMessage, span: ChunkSpan, index: torch.Tensor) -> None:
-        """Gather one chunk into a fresh message buffer and append it to ``message``."""
-        buffer = self._acquire(message, span)
-        spec, heads = message.transfer.desc.spec, message.head_slice
-        payload = payload_view(buffer, spec, span.num_blocks, heads.num_heads)
-        if buffer.device == self._cache.device:
-            gather_blocks(self._cache, index[span.blocks], heads.src_heads, out=payload)
-        else:
-            staged = torch.empty(payload.shape, dtype=payload.dtype, device=self._cache.device)
-            gather_blocks(self._cache, index[span.blocks], heads.src_heads, out=staged)
-            payload.copy_(staged, non_blocking=True)
-        message.chunks.append(OutChunk(span, buffer, self._stream.fence()))
-
     def _issue(self, message: OutMessage, chunk: OutChunk) -> None:
-        """Post one chunk's isend (``SendQueues`` calls this in its turn)."""
-        transfer, desc = message.transfer, message.transfer.desc
-        header = MessageHeader(
-            MessageKind.VOID if message.is_void else MessageKind.DATA,
-            desc.seq_no,
-            transfer_tag(desc.transfer_id),
-            self._rank,
-            chunk.buffer.numel() - HEADER_BYTES,
-            chunk.span.index,
-            chunk.span.num_chunks,
-        )
-        with self._stream.use():
-            write_header(chunk.buffer, header)
+        """Hand one chunk to the backend, which fills and posts it (``SendQueues``: in turn)."""
+        transfer = message.transfer
+        fill = functools.partial(self._filler.fill, message, chunk)
+        with self._stream.use():  # nccl: the send waits for what the fill queues on the stream
             try:
-                chunk.op = self._backend.isend(chunk.buffer, message.dst_rank)
+                chunk.op = self._backend.isend(chunk.buffer, message.dst_rank, fill)
             except Exception as err:  # a refused post: nothing is in flight for this chunk
                 chunk.op = FailedOp(f"isend to rank {message.dst_rank} refused: {err}")
-        if self._transfers.get(desc.transfer_id) is not transfer:
+        if self._transfers.get(transfer.desc.transfer_id) is not transfer:
             self._orphans.add(chunk.op, chunk.buffer)  # its transfer already ended
         elif all(m.is_all_issued for m in transfer.messages):
             transfer.state = TransferState.IN_FLIGHT
@@ -283,8 +253,8 @@ class KVSender:
     def _finish(self, transfer: OutTransfer, state: TransferState, error: str | None) -> None:
         del self._transfers[transfer.desc.transfer_id]
         transfer.state = state
+        fill_fence = self._filler.close(transfer)  # chunks not gathered yet will go out VOID
         for message in transfer.messages:
-            message.is_void = True  # chunks not issued yet still go out in their turn, VOID
             for chunk in message.chunks[: message.num_issued]:
                 assert chunk.op is not None
                 if is_settled(chunk.op):
@@ -296,4 +266,4 @@ class KVSender:
         if state is TransferState.DONE:
             num_bytes = sum(c.buffer.numel() - HEADER_BYTES for c in transfer.chunks())
         result = TransferResult(transfer.desc.transfer_id, state, num_bytes, elapsed_s, error)
-        self._finished.add(result, [c.gather_fence for c in transfer.chunks()])
+        self._finished.add(result, [fill_fence])

@@ -15,22 +15,25 @@ group exists, and its init, belong to the launcher.
   on the wire and however rarely the engine polls; gloo's own I/O thread keeps filling the next
   posted receive meanwhile.
 
-  Sends are also *posted* off the engine thread, by one *poster* thread per peer, in the order
-  ``isend`` was called (a FIFO queue: the pair's order is unchanged), which hands each posted op
-  to the peer's send waiter. Gloo sizes the socket's send buffer to the message and writes it in
-  place inside ``isend`` — about 2 ms of copying per 4 MB chunk on the test machine — so on the
-  engine thread that copy would run after, not during, the gather of the next chunk; and a
-  thread that posted only after waiting for the previous send would leave the socket idle for a
-  wake-up between chunks, whereas gloo queues a send posted during the previous one's write and
-  writes it right after. Only a small send (up to 1 MiB) that finds the poster idle is posted
-  inline: for it the thread hop would cost more than the copy. Receives are always posted by the
-  caller (posting one copies nothing).
+  Sends are *prepared and posted* off the engine thread, by one *poster* thread per peer, in the
+  order ``isend`` was called (a FIFO queue: the pair's order is unchanged): it runs the send's
+  ``before_post`` hook (the sender's gather of that chunk into the message), posts it, and hands
+  it to the peer's send waiter. Gloo sizes the socket's send buffer to the message and writes it
+  in place inside ``isend`` — about 2 ms of copying per 4 MB chunk on the test machine — so the
+  chunk is still in cache when it is written right after its gather; and when the socket is
+  full, gloo's I/O thread finishes the write while the poster gathers the next chunk (gloo
+  queues a send posted during the previous one's write and writes it right after), so the wire
+  never waits for a thread to wake up. Only a small send (up to 1 MiB) that finds the poster
+  idle is prepared and posted inline: for it the thread hop would cost more than the copy.
+  Receives are always posted by the caller (posting one copies nothing).
 
   The wait is given a very long timeout of its own, because on expiry gloo fails every pair of
   the process group, not just the late op; deadlines are the sender's and receiver's
   ``timeout_s``.
-- ``nccl`` moves device buffers directly and polls ``Work.is_completed()`` (a CUDA event); the
-  ``on_arrival`` hook runs inside the ``is_done()`` call that first sees completion. It has
+- ``nccl`` moves device buffers directly and polls ``Work.is_completed()`` (a CUDA event). A
+  send's ``before_post`` hook runs inline in ``isend``, queuing its gather on the caller's
+  current stream, which NCCL's send then waits for; a receive's ``on_arrival`` hook runs inside
+  the ``is_done()`` call that first sees completion. It has
   no tags, so ordering rests entirely on the sender issuing in ``seq_no`` order. NCCL cannot be
   run between two processes on a one-GPU machine, so this path shares every line above the two
   calls below with the gloo path that the tests run, and is itself untested here.
@@ -54,10 +57,11 @@ import torch.distributed as dist
 from distserve.transfer.backend import (
     ArrivalHook,
     PendingOp,
+    PostHook,
     TransferBackend,
     TransferBackendError,
     register_backend,
-    run_arrival_hook,
+    run_hook,
 )
 
 _TAG = 0  # deliberately constant: see the module docstring
@@ -85,7 +89,7 @@ class _WorkOp(PendingOp):
         except Exception as err:  # the backends raise plain RuntimeError subclasses
             self._error = f"{self._what} failed: {err}"
             raise TransferBackendError(self._error) from err
-        self._error = run_arrival_hook(self._on_arrival, self._what)
+        self._error = run_hook(self._on_arrival, self._what)
         if self._error is not None:
             raise TransferBackendError(self._error)
         self._is_done = True
@@ -93,8 +97,8 @@ class _WorkOp(PendingOp):
 
 
 class _WaitedOp(PendingOp):
-    """A gloo op that a :class:`_PeerWaiter` thread waits for (a :class:`_PeerPoster` posts
-    sends first)."""
+    """A gloo op that a :class:`_PeerWaiter` thread waits for (a :class:`_PeerPoster` prepares
+    and posts sends first)."""
 
     def __init__(
         self,
@@ -102,11 +106,13 @@ class _WaitedOp(PendingOp):
         *,
         work: Any = None,
         post: Callable[[], Any] | None = None,
+        before_post: PostHook | None = None,
         on_arrival: ArrivalHook | None = None,
     ) -> None:
         assert (work is None) != (post is None), "an op is either posted or to be posted"
         self.work = work  # the posted op's Work
         self.post = post  # posts the op and returns its Work; called once, on a peer thread
+        self.before_post = before_post  # runs right before post
         self.what = what
         self.on_arrival = on_arrival
         self.error: str | None = None
@@ -142,13 +148,13 @@ class _PeerWaiter:
             except Exception as err:  # gloo raises RuntimeError subclasses
                 op.error = f"{op.what} failed: {err}"
             else:
-                op.error = run_arrival_hook(op.on_arrival, op.what)
+                op.error = run_hook(op.on_arrival, op.what)
             op.finished.set()
 
 
 class _PeerPoster:
-    """One daemon thread posting, in submission order, the sends to one peer, then handing each
-    to the peer's send waiter. A small send finds it idle and is posted inline instead: the
+    """One daemon thread preparing (``before_post``) and posting, in submission order, the sends
+    to one peer, then handing each to the peer's send waiter. A small send finds it idle and is posted inline instead: the
     thread hop would cost a transfer of one small chunk more than gloo's write does."""
 
     def __init__(self, name: str, waiter: _PeerWaiter) -> None:
@@ -176,10 +182,13 @@ class _PeerPoster:
 
     def _post(self, op: _WaitedOp) -> None:
         assert op.post is not None
-        try:
-            op.work = op.post()
-        except Exception as err:  # a refused post: nothing is in flight for this op
-            op.error = f"{op.what} failed: {err}"
+        op.error = run_hook(op.before_post, op.what)
+        if op.error is None:
+            try:
+                op.work = op.post()
+            except Exception as err:  # a refused post: nothing is in flight for this op
+                op.error = f"{op.what} failed: {err}"
+        if op.error is not None:
             op.finished.set()
             return
         self._waiter.add(op)
@@ -248,10 +257,12 @@ class GlooBackend(_TorchP2PBackend):
         self._posters.clear()
         self._waiters.clear()
 
-    def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
+    def isend(
+        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+    ) -> PendingOp:
         # Posted by the peer's send thread: see the module docstring.
         post = functools.partial(self._post_send, message, peer_rank)
-        op = _WaitedOp(self._what(message, peer_rank, True), post=post)
+        op = _WaitedOp(self._what(message, peer_rank, True), post=post, before_post=before_post)
         if peer_rank not in self._posters:
             waiter = _PeerWaiter(f"kv-transfer-send-wait-{peer_rank}")
             self._posters[peer_rank] = _PeerPoster(f"kv-transfer-send-to-{peer_rank}", waiter)
@@ -279,9 +290,14 @@ class NcclBackend(_TorchP2PBackend):
             raise ValueError(f"the nccl transfer backend needs a CUDA KV cache, got {cache_device}")
         return cache_device
 
-    def isend(self, message: torch.Tensor, peer_rank: int) -> PendingOp:
-        work = self._post_send(message, peer_rank)
-        return _WorkOp(work, self._what(message, peer_rank, True), None)
+    def isend(
+        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+    ) -> PendingOp:
+        what = self._what(message, peer_rank, True)
+        error = run_hook(before_post, what)  # queues its copies on the current (transfer) stream
+        if error is not None:
+            raise TransferBackendError(error)
+        return _WorkOp(self._post_send(message, peer_rank), what, None)
 
     def irecv(
         self, message: torch.Tensor, peer_rank: int, on_arrival: ArrivalHook | None = None

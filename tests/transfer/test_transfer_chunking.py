@@ -6,12 +6,10 @@ two blocks cuts the small test transfers into many chunks, most of them not divi
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
-from distserve.transfer import KVReceiver, KVSender, TransferResult, TransferState, recv_commit
+from distserve.transfer import KVReceiver, KVSender, TransferResult, TransferState
 from distserve.transfer.chunking import ChunkSpan, plan_chunks
 from distserve.transfer.wire import (
     MessageHeader,
@@ -217,35 +215,3 @@ def test_ends_with_different_chunk_sizes_fail_without_writing() -> None:
     assert [r.state for r in sent + received] == [TransferState.FAILED] * 2
     assert "size mismatch" in (received[0].error or "")
     cluster.assert_landed([])
-
-
-def test_cancel_while_a_chunk_scatters_waits_for_that_scatter_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    cluster = Cluster(1, 1, chunk_bytes=TWO_BLOCKS)
-    (a,) = make_pulls([6], NUM_SRC_BLOCKS, NUM_DST_BLOCKS, seed=27)
-    started, release = threading.Event(), threading.Event()
-    scatter = recv_commit.scatter_blocks
-
-    def slow_scatter(*args, **kwargs):  # type: ignore[no-untyped-def]
-        started.set()
-        assert release.wait(10.0)
-        scatter(*args, **kwargs)
-
-    monkeypatch.setattr(recv_commit, "scatter_blocks", slow_scatter)
-    cluster.fabric.pause()
-    cluster.post(a)
-    cluster.send(a)
-    delivery = threading.Thread(target=cluster.fabric.resume)  # plays gloo's waiter thread
-    delivery.start()
-    assert started.wait(10.0)  # chunk 0 is being scattered right now
-    receiver = cluster.receivers[0]
-    assert receiver.cancel("req-0")  # returns at once: the engine thread never waits
-    assert receiver.poll() == []  # CANCELLED only once chunk 0's scatter is over
-    release.set()
-    delivery.join(10.0)
-    assert _states(receiver.poll()) == {"req-0": TransferState.CANCELLED}
-    first, *_ = _chunk_blocks(a, TWO_BLOCKS)
-    cluster.assert_landed([Pull("req-0-head", a.src_block_ids[: len(first)], first)])
-    cluster.senders[0].poll()
-    cluster.assert_quiet()
