@@ -31,12 +31,9 @@ from distserve.router.policies import InstanceLoad, RouteRequest, make_policy
 from placement.latency_model import LatencyModel, opt13b_a100
 from placement.simulator import ClusterSpec, InstanceSpec, simulate
 
-POLICIES = ["round_robin", "least_load", "cache_aware", "preble", "preble[w=5]", "d2lpm"]
+POLICIES = ["round_robin", "least_load", "cache_aware", "preble", "d2lpm"]
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (registry name, options)
-    "preble[w=5]": (
-        "preble",
-        {"warmup_requests_per_instance": 5},
-    ),  # warm-up 5, not 50, per instance
+    "preble[literal-window]": ("preble", {"load_horizon_s": 180.0}),  # W added unscaled
 }
 ADMISSION = {"preble": "preble", "d2lpm": "dlpm"}  # each policy with its own local order; else fcfs
 Row = dict[str, Any]

@@ -166,6 +166,19 @@ class PrefixIndex:
         entry = self._entries.get(h)
         return entry.holders if entry is not None else {}
 
+    def node_ends(self, hashes: Sequence[int]) -> list[int]:
+        """Where the radix-tree nodes along ``hashes`` end (exclusive, in blocks): after each
+        branch block and after the last block."""
+        entries = self._entries
+        ends = []
+        for i, h in enumerate(hashes):
+            entry = entries.get(h)
+            if entry is not None and entry.num_children > 1:
+                ends.append(i + 1)
+        if hashes and (not ends or ends[-1] != len(hashes)):
+            ends.append(len(hashes))
+        return ends
+
     def is_branch(self, h: int) -> bool:
         """Whether more than one distinct block follows ``h`` (a radix-tree node boundary)."""
         entry = self._entries.get(h)
@@ -186,35 +199,38 @@ class PrefixIndex:
 
     # ---- internals -------------------------------------------------------------------------
     def _link_path(self, hashes: Sequence[int]) -> None:
+        entries = self._entries
         parent: int | None = None
+        parent_entry: _Entry | None = None
         for h in hashes:
-            entry = self._entries.get(h)
+            entry = entries.get(h)
             if entry is None:
-                self._entries[h] = _Entry(parent=parent)
-                if parent is not None:
-                    self._entries[parent].num_children += 1
-            elif entry.parent is None and parent is not None:
+                entry = entries[h] = _Entry(parent=parent)
+                if parent_entry is not None:
+                    parent_entry.num_children += 1
+            elif entry.parent is None and parent_entry is not None:
                 entry.parent = parent
-                self._entries[parent].num_children += 1
-            parent = h
+                parent_entry.num_children += 1
+            parent, parent_entry = h, entry
 
     def _hold(self, instance_id: str, hashes_leaf_first: Iterable[int], now_s: float) -> None:
         held = self._by_instance.get(instance_id)
         if held is None:
             raise KeyError(f"unknown instance {instance_id!r}; call add_instance first")
-        watched = self._watched
+        entries, watched, listener = self._entries, self._watched, self._listener
         for h in hashes_leaf_first:
-            entry = self._entries.get(h)
+            entry = entries.get(h)
             if entry is None:
-                entry = self._entries[h] = _Entry(parent=None)
-            is_new = instance_id not in entry.holders
-            entry.holders[instance_id] = now_s
-            if h in held:
-                held.move_to_end(h)
-            else:
+                entry = entries[h] = _Entry(parent=None)
+            holders = entry.holders
+            is_new = instance_id not in holders
+            holders[instance_id] = now_s
+            if is_new:
                 held[h] = None
-            if is_new and h in watched and self._listener is not None:
-                self._listener(h, instance_id, True)
+                if listener is not None and h in watched:
+                    listener(h, instance_id, True)
+            else:
+                held.move_to_end(h)
         capacity = self._capacity.get(instance_id)
         if capacity is not None:
             while len(held) > capacity:

@@ -83,11 +83,15 @@ g. The warm-up is ALGORITHMS.md's 50 requests per instance, and gates rebalancin
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Container, Sequence
 
 from distserve.router.policies.base import InstanceLoad, RouteRequest, register_policy
-from distserve.router.policies.preble_load import InFlightLoad, PrefillTimeModel, WindowedLoad
+from distserve.router.policies.preble_load import (
+    InFlightLoad,
+    PrefillTimeModel,
+    TTFTWindow,
+    WindowedLoad,
+)
 from distserve.router.policies.prefix_aware import PrefixAwarePolicy
 
 
@@ -126,7 +130,7 @@ class PreblePolicy(PrefixAwarePolicy):
         self.load = WindowedLoad(window_s, hot_min_requests)
         self.in_flight = InFlightLoad(batch_overhead_s=self.prefill_time.a_s)
         self.index.set_holder_listener(self._on_holder_change)
-        self._ttft: dict[int, deque[tuple[float, float]]] = {}  # node -> (time, ttft) samples
+        self._ttft: dict[int, TTFTWindow] = {}  # node -> TTFT samples in the window
         self._num_routed = 0
         self.num_exploits = 0
         self.num_moves = 0
@@ -194,7 +198,7 @@ class PreblePolicy(PrefixAwarePolicy):
         node = self._record(req, chosen, now_s)
         if node is not None:
             self._replicate_if_queued(node, instances, now_s)
-        self.rebalance(instances, now_s)
+        self._rebalance(instances, now_s)
         return chosen.instance_id
 
     def _lightest(
@@ -297,13 +301,11 @@ class PreblePolicy(PrefixAwarePolicy):
     def _important_nodes(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
         """``(start, end)`` blocks of the important radix-tree nodes on the path, root first."""
         important: list[tuple[int, int]] = []
-        start, last = 0, len(hashes) - 1
-        for i, h in enumerate(hashes):
-            if i < last and not self.index.is_branch(h):
-                continue
-            if i + 1 - start > start:
-                important.append((start, i + 1))
-            start = i + 1
+        start = 0
+        for end in self.index.node_ends(hashes):
+            if end - start > start:
+                important.append((start, end))
+            start = end
         return important
 
     # ---- replication by queue (adaptation c) -----------------------------------------------
@@ -332,7 +334,9 @@ class PreblePolicy(PrefixAwarePolicy):
         rebalance ratio × what ``dst``'s queue would be with the copy (the time to prefill the
         node's path there)."""
         dst_queue_s = self.in_flight.pending_prefill_s(dst)
-        return queue_s >= self.rebalance_ratio * (dst_queue_s + self._copy_s(node, dst))
+        return queue_s > 0 and queue_s >= self.rebalance_ratio * (
+            dst_queue_s + self._copy_s(node, dst)
+        )
 
     def _copy_s(self, node: int, dst: str) -> float:
         """Prefill time of ``node``'s path on ``dst``, after what ``dst`` already holds."""
@@ -352,32 +356,41 @@ class PreblePolicy(PrefixAwarePolicy):
     def rebalance(self, instances: Sequence[InstanceLoad], now_s: float) -> None:
         """Move or replicate hot prefixes (runs after every dispatch; callable directly)."""
         self._ensure_known(instances)
+        self._rebalance(instances, now_s)
+
+    def _rebalance(self, instances: Sequence[InstanceLoad], now_s: float) -> None:
         warmup = self.warmup_requests + self.warmup_requests_per_instance * len(instances)
         if self._num_routed < warmup or len(instances) < 2:
             return
-        hot = self.load.hot_share
-        loads = [hot(i.instance_id) for i in instances]
-        if max(loads) <= 0 or max(loads) < self.rebalance_ratio * min(loads):
+        ids = [i.instance_id for i in instances]
+        loads = self.load.hot_shares(ids)
+        ratio = self.rebalance_ratio
+        if max(loads) <= 0 or max(loads) < ratio * min(loads):
             return  # the common case, in one pass
-        heavy_first = sorted(instances, key=lambda i: -hot(i.instance_id))
-        light = heavy_first[-1].instance_id
-        queue = self.in_flight.pending_prefill_s
-        for inst in heavy_first[:-1]:
-            heavy = inst.instance_id
-            if hot(heavy) <= 0 or hot(heavy) < self.rebalance_ratio * hot(light):
+        light = ids[loads.index(min(loads))]
+        threshold = ratio * min(loads)
+        heavy_first = sorted(
+            (p for p, load in enumerate(loads) if load >= threshold and ids[p] != light),
+            key=lambda p: -loads[p],
+        )
+        hot, queue = self.load.hot_share, self.in_flight.pending_prefill_s
+        for p in heavy_first:  # a move changes only its pair: the later loads stay valid
+            heavy = ids[p]
+            if loads[p] <= 0 or loads[p] < ratio * hot(light):
                 return
-            nodes = sorted(self.load.hot_nodes(heavy))
-            if len(nodes) == 1:  # moving its only hot prefix would move the overload: replicate
-                self._maybe_replicate(nodes[0][1], light, now_s)
+            if self.load.num_hot_nodes(heavy) == 1:  # moving it would move the overload
+                self._maybe_replicate(self.load.hot_nodes(heavy)[0][1], light, now_s)
                 continue
-            for cost, node in nodes:  # cheapest first, without overshooting (adaptation d)
+            if queue(heavy) <= 0 or queue(heavy) < ratio * queue(light):
+                continue  # no move can pass adaptation d's queue test: skip the sort
+            for cost, node in sorted(self.load.hot_nodes(heavy)):  # cheapest first (adapt. d)
                 copy_s = self._copy_s(node, light)
                 if hot(heavy) - cost < hot(light) + cost + copy_s:
                     break
                 if not self._relieves(queue(heavy), light, node):
                     break
                 self._move(node, heavy, light, now_s)
-                if hot(heavy) < self.rebalance_ratio * hot(light):
+                if hot(heavy) < ratio * hot(light):
                     break
 
     def _tpot(self, inst: InstanceLoad) -> float:
@@ -393,25 +406,16 @@ class PreblePolicy(PrefixAwarePolicy):
     def _maybe_replicate(self, node: int, lightest: str, now_s: float) -> bool:
         v = self.load.node(node)
         samples = self._ttft.get(node)
-        if v is None or not samples or lightest in v.holders:
+        if v is None or samples is None or lightest in v.holders:
             return False
-        while samples and samples[0][0] < now_s - self.load.window_s:
-            samples.popleft()
-        if len(samples) < 2:
+        samples.expire(now_s - self.load.window_s)
+        halves = samples.half_means(now_s)
+        if halves is None or halves[1] < self.replicate_ttft_ratio * halves[0]:
             return False
-        mid = (samples[0][0] + now_s) / 2
-        older = [t for s, t in samples if s < mid]
-        newer = [t for s, t in samples if s >= mid]
-        if (
-            older
-            and newer
-            and sum(newer) / len(newer) >= self.replicate_ttft_ratio * sum(older) / len(older)
-        ):
-            self._claim_copy(node, lightest, now_s)
-            samples.clear()
-            self.num_replications += 1
-            return True
-        return False
+        self._claim_copy(node, lightest, now_s)
+        samples.clear()
+        self.num_replications += 1
+        return True
 
     # ---- events ----------------------------------------------------------------------------
     def _on_holder_change(self, h: int, instance_id: str, is_added: bool) -> None:
@@ -423,7 +427,10 @@ class PreblePolicy(PrefixAwarePolicy):
     def on_prefill_done(self, request_id: str, now_s: float, ttft_s: float | None = None) -> None:
         node = self.in_flight.prefill_done(request_id)
         if node is not None and ttft_s is not None and node in self.load:
-            self._ttft.setdefault(node, deque()).append((now_s, ttft_s))
+            samples = self._ttft.get(node)
+            if samples is None:
+                samples = self._ttft[node] = TTFTWindow()
+            samples.add(now_s, ttft_s)
         super().on_prefill_done(request_id, now_s, ttft_s)
 
     def on_finished(self, request_id: str, now_s: float) -> None:

@@ -27,6 +27,7 @@ nodes (STYLE.md habit 11). It does not own routing decisions or the prefix index
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -198,6 +199,14 @@ class WindowedLoad:
         """W_hot(g): the same over hot nodes only (what rebalancing compares and moves)."""
         return max(0.0, self._hot_share.get(instance_id, 0.0))
 
+    def hot_shares(self, instance_ids: list[str]) -> list[float]:
+        """``hot_share`` of each instance, in order."""
+        values = [self._hot_share.get(iid, 0.0) for iid in instance_ids]
+        return [x if x > 0.0 else 0.0 for x in values]
+
+    def num_hot_nodes(self, instance_id: str) -> int:
+        return len(self._hot_of.get(instance_id, ()))
+
     def hot_nodes(self, instance_id: str) -> list[tuple[float, int]]:
         """``(C(v) / |holders(v)|, v)`` of the hot nodes the instance holds."""
         out = []
@@ -211,8 +220,8 @@ class WindowedLoad:
 
     def shares(self, instance_ids: list[str]) -> list[float]:
         """``share`` of each instance, in order (one pass, for a decision over all instances)."""
-        get = self._share.get
-        return [max(0.0, get(iid, 0.0)) for iid in instance_ids]
+        values = [self._share.get(iid, 0.0) for iid in instance_ids]
+        return [x if x > 0.0 else 0.0 for x in values]  # clamp float round-off
 
     def num_requests(self, node: int) -> int:
         v = self._nodes.get(node)
@@ -282,6 +291,49 @@ class WindowedLoad:
             assert self._hot_of.get(iid, set()) == hot_of.get(iid, set()), f"hot nodes of {iid}"
 
 
+class TTFTWindow:
+    """TTFT samples of one node over the window, for Preble's "newer half >= 2 × older half"
+    test in O(log samples): times and running sums in a list, expired from the front."""
+
+    __slots__ = ("_start", "_sums", "_times")
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+        self._sums: list[float] = [0.0]  # _sums[i] = Σ ttft of samples before i
+        self._start = 0  # samples before it have expired
+
+    def add(self, time_s: float, ttft_s: float) -> None:
+        self._times.append(time_s)
+        self._sums.append(self._sums[-1] + ttft_s)
+
+    def expire(self, horizon_s: float) -> None:
+        self._start = bisect_left(self._times, horizon_s, lo=self._start)
+        if self._start > 1024 and self._start * 2 > len(self._times):  # compact
+            base = self._sums[self._start]
+            self._times = self._times[self._start :]
+            self._sums = [x - base for x in self._sums[self._start :]]
+            self._start = 0
+
+    def __len__(self) -> int:
+        return len(self._times) - self._start
+
+    def half_means(self, now_s: float) -> tuple[float, float] | None:
+        """Mean TTFT of the samples before and after the middle of [first sample, now]; None
+        unless both halves have samples."""
+        if len(self) < 2:
+            return None
+        lo, hi = self._start, len(self._times)
+        mid = bisect_left(self._times, (self._times[lo] + now_s) / 2, lo=lo)
+        if mid in (lo, hi):
+            return None
+        older = (self._sums[mid] - self._sums[lo]) / (mid - lo)
+        newer = (self._sums[hi] - self._sums[mid]) / (hi - mid)
+        return older, newer
+
+    def clear(self) -> None:
+        self._times, self._sums, self._start = [], [0.0], 0
+
+
 @dataclass
 class _Flight:
     instance_id: str
@@ -341,7 +393,10 @@ class InFlightLoad:
     def pending(self, instance_ids: list[str]) -> list[float]:
         """``pending_prefill_s`` of each instance, in order."""
         count, total, overhead = self._num_pending.get, self._prefill_s, self.batch_overhead_s
-        return [max(0.0, total[iid]) + overhead if count(iid) else 0.0 for iid in instance_ids]
+        return [
+            (total[iid] if total[iid] > 0.0 else 0.0) + overhead if count(iid) else 0.0
+            for iid in instance_ids
+        ]
 
     def output_tokens(self, instance_id: str) -> int:
         """Expected output tokens of the requests in flight on the instance (colocated)."""
