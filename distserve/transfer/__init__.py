@@ -36,21 +36,24 @@ Pipelining and threads. Each pair's share of a transfer travels as several messa
 about ``chunk_bytes``, 4 MB by default; both ends must use the same value), strictly in
 (``seq_no``, chunk) order, so that the copies at either end overlap the wire::
 
-    prefill engine thread   gather c0 │ gather c1 │ gather c2 │ …        (inside start_send)
-    gloo I/O threads                  │ wire c0   │ wire c1   │ wire c2 │ …
-    decode waiter thread                          │ scatter c0│ scatter c1│ scatter c2
+    prefill poster thread   gather c0, post c0 │ gather c1, post c1 │ gather c2, post c2 │ …
+    gloo I/O threads                 wire c0   │        wire c1     │        wire c2     │ …
+    decode waiter thread                       │     scatter c0     │     scatter c1     │ …
 
-- prefill rank, CPU: ``start_send`` gathers chunk after chunk on the calling thread and posts
-  each chunk's ``isend`` as soon as it is gathered (when it is that destination's turn); gloo's
-  own I/O thread writes it to the socket while the next chunk is gathered. With a CUDA cache the
-  gathers are queued on a side stream instead and issued from ``poll()`` as their events pass.
-- decode rank: all chunk receives are posted by ``post_recv``. With gloo, the backend's waiter
-  thread for that prefill rank checks each chunk's header and scatters it as soon as it is in,
-  while gloo's I/O thread fills the next chunk; with nccl that happens inside ``poll()`` on the
-  transfer stream. ``cancel`` and the scatter of a chunk meet at one short lock, never held
-  during a copy (``recv_commit.py``).
-- ``poll()`` on either side never waits for a thread or the wire; with gloo it only reads flags
-  and reports results (with nccl it also queues the scatters of chunks that arrived).
+- prefill rank: ``start_send`` plans the chunks and hands them, in turn, to the backend; it
+  copies nothing. Each chunk's gather is the send's ``before_post`` hook: with gloo the
+  destination's poster thread gathers a chunk and posts it (the socket write follows while the
+  chunk is still in cache), and gloo's I/O thread finishes a write while the next chunk is
+  gathered; small chunks to an idle poster are gathered and posted inline. With nccl the gather
+  is queued on the transfer stream inside ``isend``.
+- decode rank: all chunk receives are posted by ``post_recv``. With gloo, the waiter thread for
+  that prefill rank checks each chunk's header and scatters it as soon as it is in, while
+  gloo's I/O thread fills the next chunk; with nccl that happens inside ``poll()`` on the
+  transfer stream.
+- ``cancel`` meets a gather or scatter in progress at one short lock, never held during a copy:
+  no copy touches a transfer's blocks after ``cancel`` or its result (``send_fill.py``,
+  ``recv_commit.py``). ``poll()`` never waits for a thread or the wire; with gloo it only reads
+  flags and reports results.
 """
 
 from __future__ import annotations

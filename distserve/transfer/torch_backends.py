@@ -1,8 +1,9 @@
 """The torch.distributed backends: ``gloo`` (host buffers) and ``nccl`` (device buffers).
 
 Owns only the thin mapping from :class:`TransferBackend` to ``dist.isend``/``dist.irecv`` on a
-process group that spans both instances (the default world group unless one is given). Which
-group exists, and its init, belong to the launcher.
+process group that spans both instances (the default world group unless one is given), and
+which thread does what around them (the gloo threads themselves live in ``gloo_threads.py``).
+Which group exists, and its init, belong to the launcher.
 
 - ``gloo`` moves host buffers. With a CUDA cache the sender gathers on the device and copies into
   a pinned host message, and the receiver copies back before scattering (see ``sender.py``).
@@ -15,17 +16,15 @@ group exists, and its init, belong to the launcher.
   on the wire and however rarely the engine polls; gloo's own I/O thread keeps filling the next
   posted receive meanwhile.
 
-  Sends are *prepared and posted* off the engine thread, by one *poster* thread per peer, in the
-  order ``isend`` was called (a FIFO queue: the pair's order is unchanged): it runs the send's
-  ``before_post`` hook (the sender's gather of that chunk into the message), posts it, and hands
-  it to the peer's send waiter. Gloo sizes the socket's send buffer to the message and writes it
-  in place inside ``isend`` — about 2 ms of copying per 4 MB chunk on the test machine — so the
-  chunk is still in cache when it is written right after its gather; and when the socket is
-  full, gloo's I/O thread finishes the write while the poster gathers the next chunk (gloo
-  queues a send posted during the previous one's write and writes it right after), so the wire
-  never waits for a thread to wake up. Only a small send (up to 1 MiB) that finds the poster
-  idle is prepared and posted inline: for it the thread hop would cost more than the copy.
-  Receives are always posted by the caller (posting one copies nothing).
+  Sends are *prepared and posted* off the engine thread by one *poster* thread per peer, in the
+  order ``isend`` was called (FIFO: the pair's order is unchanged): it runs the send's
+  ``before_post`` hook (the sender's gather of the chunk), posts it, and hands it to the peer's
+  send waiter. Gloo sizes the socket's send buffer to the message and writes it in place inside
+  ``isend`` (about 2 ms per 4 MB here), so the chunk is still in cache for that write; when the
+  socket is full, gloo's I/O thread finishes the write while the poster gathers the next chunk,
+  which gloo queues behind it, so the wire never waits for a thread to wake up. A small send (up
+  to 1 MiB) that finds the poster idle is prepared and posted inline: there the thread hop
+  would cost more than the copy. Receives are posted by the caller (posting copies nothing).
 
   The wait is given a very long timeout of its own, because on expiry gloo fails every pair of
   the process group, not just the late op; deadlines are the sender's and receiver's
@@ -44,11 +43,7 @@ as NCCL does.
 
 from __future__ import annotations
 
-import datetime
 import functools
-import queue
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,13 +58,15 @@ from distserve.transfer.backend import (
     register_backend,
     run_hook,
 )
+from distserve.transfer.gloo_threads import PeerPoster, PeerWaiter, WaitedOp
 
 _TAG = 0  # deliberately constant: see the module docstring
-_GLOO_WAIT = datetime.timedelta(days=7)  # see the module docstring: never let gloo time out first
 DEFAULT_INLINE_POST_MAX_BYTES = (1 << 20) + 64  # sends this small are posted inline when idle
 
 
 class _WorkOp(PendingOp):
+    """An nccl op, polled through its CUDA event."""
+
     def __init__(self, work: Any, what: str, on_arrival: ArrivalHook | None) -> None:
         self._work = work
         self._what = what
@@ -94,111 +91,6 @@ class _WorkOp(PendingOp):
             raise TransferBackendError(self._error)
         self._is_done = True
         return True
-
-
-class _WaitedOp(PendingOp):
-    """A gloo op that a :class:`_PeerWaiter` thread waits for (a :class:`_PeerPoster` prepares
-    and posts sends first)."""
-
-    def __init__(
-        self,
-        what: str,
-        *,
-        work: Any = None,
-        post: Callable[[], Any] | None = None,
-        before_post: PostHook | None = None,
-        on_arrival: ArrivalHook | None = None,
-    ) -> None:
-        assert (work is None) != (post is None), "an op is either posted or to be posted"
-        self.work = work  # the posted op's Work
-        self.post = post  # posts the op and returns its Work; called once, on a peer thread
-        self.before_post = before_post  # runs right before post
-        self.what = what
-        self.on_arrival = on_arrival
-        self.error: str | None = None
-        self.finished = threading.Event()
-
-    def is_done(self) -> bool:
-        if not self.finished.is_set():
-            return False
-        if self.error is not None:
-            raise TransferBackendError(self.error)
-        return True
-
-
-class _PeerWaiter:
-    """One daemon thread waiting, in posting order, on the gloo ops to or from one peer."""
-
-    def __init__(self, name: str) -> None:
-        self._ops: queue.SimpleQueue[_WaitedOp | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def add(self, op: _WaitedOp) -> None:
-        assert op.work is not None, "only posted ops are waited on"
-        self._ops.put(op)
-
-    def stop(self) -> None:
-        self._ops.put(None)
-
-    def _run(self) -> None:
-        while (op := self._ops.get()) is not None:
-            try:
-                op.work.wait(_GLOO_WAIT)
-            except Exception as err:  # gloo raises RuntimeError subclasses
-                op.error = f"{op.what} failed: {err}"
-            else:
-                op.error = run_hook(op.on_arrival, op.what)
-            op.finished.set()
-
-
-class _PeerPoster:
-    """One daemon thread preparing (``before_post``) and posting, in submission order, the sends
-    to one peer, then handing each to the peer's send waiter. A small send finds it idle and is posted inline instead: the
-    thread hop would cost a transfer of one small chunk more than gloo's write does."""
-
-    def __init__(self, name: str, waiter: _PeerWaiter) -> None:
-        self._waiter = waiter
-        self._lock = threading.Lock()
-        self._num_unposted = 0  # under _lock: submitted to the thread and not yet posted
-        self._ops: queue.SimpleQueue[_WaitedOp | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, op: _WaitedOp, may_post_inline: bool) -> None:
-        with self._lock:
-            is_idle = self._num_unposted == 0
-            if not (may_post_inline and is_idle):
-                self._num_unposted += 1
-        if may_post_inline and is_idle:
-            # Nothing is queued or being posted, and only this (the engine) thread submits:
-            # posting here keeps the pair's order.
-            self._post(op)
-        else:
-            self._ops.put(op)
-
-    def stop(self) -> None:
-        self._ops.put(None)
-
-    def _post(self, op: _WaitedOp) -> None:
-        assert op.post is not None
-        op.error = run_hook(op.before_post, op.what)
-        if op.error is None:
-            try:
-                op.work = op.post()
-            except Exception as err:  # a refused post: nothing is in flight for this op
-                op.error = f"{op.what} failed: {err}"
-        if op.error is not None:
-            op.finished.set()
-            return
-        self._waiter.add(op)
-
-    def _run(self) -> None:
-        while (op := self._ops.get()) is not None:
-            self._post(op)
-            with self._lock:
-                self._num_unposted -= 1
-        self._waiter.stop()
 
 
 class _TorchP2PBackend(TransferBackend):
@@ -243,8 +135,8 @@ class GlooBackend(_TorchP2PBackend):
     ) -> None:
         super().__init__(group)
         self._inline_post_max_bytes = inline_post_max_bytes  # see the module docstring
-        self._posters: dict[int, _PeerPoster] = {}  # peer -> its send thread (then waiter)
-        self._waiters: dict[int, _PeerWaiter] = {}  # peer -> its receive waiter
+        self._posters: dict[int, PeerPoster] = {}  # peer -> its send thread (then waiter)
+        self._waiters: dict[int, PeerWaiter] = {}  # peer -> its receive waiter
 
     def wire_device(self, cache_device: torch.device) -> torch.device:
         return torch.device("cpu")
@@ -262,10 +154,10 @@ class GlooBackend(_TorchP2PBackend):
     ) -> PendingOp:
         # Posted by the peer's send thread: see the module docstring.
         post = functools.partial(self._post_send, message, peer_rank)
-        op = _WaitedOp(self._what(message, peer_rank, True), post=post, before_post=before_post)
+        op = WaitedOp(self._what(message, peer_rank, True), post=post, before_post=before_post)
         if peer_rank not in self._posters:
-            waiter = _PeerWaiter(f"kv-transfer-send-wait-{peer_rank}")
-            self._posters[peer_rank] = _PeerPoster(f"kv-transfer-send-to-{peer_rank}", waiter)
+            waiter = PeerWaiter(f"kv-transfer-send-wait-{peer_rank}")
+            self._posters[peer_rank] = PeerPoster(f"kv-transfer-send-to-{peer_rank}", waiter)
         self._posters[peer_rank].submit(op, message.numel() <= self._inline_post_max_bytes)
         return op
 
@@ -273,9 +165,9 @@ class GlooBackend(_TorchP2PBackend):
         self, message: torch.Tensor, peer_rank: int, on_arrival: ArrivalHook | None = None
     ) -> PendingOp:
         work = self._post_recv(message, peer_rank)
-        op = _WaitedOp(self._what(message, peer_rank, False), work=work, on_arrival=on_arrival)
+        op = WaitedOp(self._what(message, peer_rank, False), work=work, on_arrival=on_arrival)
         if peer_rank not in self._waiters:
-            self._waiters[peer_rank] = _PeerWaiter(f"kv-transfer-recv-from-{peer_rank}")
+            self._waiters[peer_rank] = PeerWaiter(f"kv-transfer-recv-from-{peer_rank}")
         self._waiters[peer_rank].add(op)
         return op
 
