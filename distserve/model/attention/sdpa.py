@@ -195,21 +195,30 @@ def _prefill(
     seq: _PrefillSeq,
     scale: float,
 ) -> torch.Tensor:
-    """Several new tokens of one sequence: ``query [n, heads, head_dim]`` → same shape."""
+    """Several new tokens of one sequence: ``query [n, heads, head_dim]`` → same shape.
+
+    As in decode, the query heads sharing a KV head are one batch row (``[kv_heads, group, n,
+    head_dim]``) and that head's keys/values are broadcast over the group (``expand``, no copy).
+    ``enable_gqa=True`` would give the same result, but on CPU it falls back to the math kernel,
+    which materialises the ``[heads, n, seq_len]`` scores (measured 2.6x slower at n = 512).
+    """
+    num_tokens, num_heads, head_dim = query.shape
     if seq.block_ids is None:
         keys, values = key.transpose(0, 1), value.transpose(0, 1)
     else:
-        num_kv_heads, head_dim = kv_cache_layer.shape[3:]
         kv = kv_cache_layer.index_select(1, seq.block_ids)
-        kv = kv.view(2, -1, num_kv_heads, head_dim)[:, : seq.seq_len].transpose(1, 2)
+        kv = kv.view(2, -1, *key.shape[1:])[:, : seq.seq_len].transpose(1, 2)
         keys, values = kv[0].to(query.dtype), kv[1].to(query.dtype)
+    num_kv_heads, num_keys = keys.shape[:2]
+    group = num_heads // num_kv_heads
+    grouped_query = query.view(num_tokens, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    shape = (num_kv_heads, group, num_keys, head_dim)
     out = F.scaled_dot_product_attention(
-        query.transpose(0, 1),
-        keys,
-        values,
+        grouped_query,
+        keys[:, None].expand(shape),
+        values[:, None].expand(shape),
         attn_mask=seq.mask,
         is_causal=seq.mask is None,
         scale=scale,
-        enable_gqa=query.shape[1] != keys.shape[0],
     )
-    return out.transpose(0, 1)
+    return out.permute(2, 0, 1, 3).reshape(num_tokens, num_heads, head_dim)
