@@ -151,6 +151,7 @@ class LLMEngine:
         self._transfer_ops: list[TransferOp] = []
         self._transfers: dict[str, _TransferTally] = {}
         self._transfer_results: list[InstanceTransferResult] = []
+        self.last_step_was_idle = False  # the last step() found nothing it could run
         self.on_request_done: Callable[[Request], None] | None = (
             None  # metrics hook: finished or prefilled
         )
@@ -315,7 +316,8 @@ class LLMEngine:
         """Schedule, run one model step (and any KV-transfer work) on every rank, sample, update."""
         batch = self.scheduler.schedule()
         ops, self._transfer_ops = self._transfer_ops, []
-        if batch.is_empty and not ops and not self._transfers:
+        self.last_step_was_idle = batch.is_empty and not ops and not self._transfers
+        if self.last_step_was_idle:
             return []  # nothing can run now (e.g. a prefill pool full of leased blocks)
         inputs, sampling = None, []
         if not batch.is_empty:

@@ -109,6 +109,12 @@ class EngineLoop:
                     continue
                 start = time.monotonic()
                 outputs = self.engine.step()
+                if self.engine.last_step_was_idle:
+                    # Work is waiting but none can run (e.g. the pool is full of leased blocks):
+                    # sleep until something arrives instead of spinning on the GIL and the core.
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
                 self.last_step_s = time.monotonic() - start
                 self.role.on_outputs(outputs)
                 transfers = self.engine.drain_transfer_results()
