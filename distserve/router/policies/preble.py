@@ -74,7 +74,7 @@ e. *In-flight work is counted at dispatch time, realistically.* Queued prompts r
    request sent to a replica or a move's destination is charged the full copy (the index claims
    the path at once, but the KV is only computed by that request).
 f. The single-hot-node case is read per busiest instance (a public reimplementation of Preble's
-   scheduler does the same). The hit-ratio explore detail is off by default
+   scheduler does the same), and its TTFT test is re-run only once the node has a new sample. The hit-ratio explore detail is off by default
    (``explore_hit_ratio=None``): the released server passes no hit ratios (a TODO there), and in a
    prefix-heavy workload every instance soon passes 0.7, which turns explore into least-load.
 g. The warm-up is ALGORITHMS.md's 50 requests per instance, and gates rebalancing only: the hot
@@ -131,6 +131,7 @@ class PreblePolicy(PrefixAwarePolicy):
         self.in_flight = InFlightLoad(batch_overhead_s=self.prefill_time.a_s)
         self.index.set_holder_listener(self._on_holder_change)
         self._ttft: dict[int, TTFTWindow] = {}  # node -> TTFT samples in the window
+        self._ttft_checked: dict[int, int] = {}  # node -> samples seen when last tested "no"
         self._num_routed = 0
         self.num_exploits = 0
         self.num_moves = 0
@@ -185,6 +186,7 @@ class PreblePolicy(PrefixAwarePolicy):
         for node in self.load.expire(now_s):
             self.index.unwatch(node)
             self._ttft.pop(node, None)
+            self._ttft_checked.pop(node, None)
         hashes, n = req.block_hashes, req.num_prompt_tokens
         depth = self.index.deepest_present(hashes)
         matched = min(depth * req.block_size, n)
@@ -374,14 +376,16 @@ class PreblePolicy(PrefixAwarePolicy):
             key=lambda p: -loads[p],
         )
         hot, queue = self.load.hot_share, self.in_flight.pending_prefill_s
+        light_load, light_queue = hot(light), queue(light)
         for p in heavy_first:  # a move changes only its pair: the later loads stay valid
             heavy = ids[p]
-            if loads[p] <= 0 or loads[p] < ratio * hot(light):
+            if loads[p] <= 0 or loads[p] < ratio * light_load:
                 return
             if self.load.num_hot_nodes(heavy) == 1:  # moving it would move the overload
-                self._maybe_replicate(self.load.hot_nodes(heavy)[0][1], light, now_s)
+                if self._maybe_replicate(self.load.hot_nodes(heavy)[0][1], light, now_s):
+                    light_load = hot(light)
                 continue
-            if queue(heavy) <= 0 or queue(heavy) < ratio * queue(light):
+            if queue(heavy) <= 0 or queue(heavy) < ratio * light_queue:
                 continue  # no move can pass adaptation d's queue test: skip the sort
             for cost, node in sorted(self.load.hot_nodes(heavy)):  # cheapest first (adapt. d)
                 copy_s = self._copy_s(node, light)
@@ -392,6 +396,7 @@ class PreblePolicy(PrefixAwarePolicy):
                 self._move(node, heavy, light, now_s)
                 if hot(heavy) < ratio * hot(light):
                     break
+            light_load = hot(light)
 
     def _tpot(self, inst: InstanceLoad) -> float:
         return inst.recent_tpot_s if inst.recent_tpot_s is not None else self.default_tpot_s
@@ -408,9 +413,12 @@ class PreblePolicy(PrefixAwarePolicy):
         samples = self._ttft.get(node)
         if v is None or samples is None or lightest in v.holders:
             return False
+        if self._ttft_checked.get(node) == samples.num_added:
+            return False  # no new sample since the last test said no
         samples.expire(now_s - self.load.window_s)
         halves = samples.half_means(now_s)
         if halves is None or halves[1] < self.replicate_ttft_ratio * halves[0]:
+            self._ttft_checked[node] = samples.num_added
             return False
         self._claim_copy(node, lightest, now_s)
         samples.clear()
@@ -441,8 +449,8 @@ class PreblePolicy(PrefixAwarePolicy):
         super().check_consistency()
         self.load.check_consistency()
         self.in_flight.check_consistency()
-        for node in self._ttft:
-            assert node in self.load, f"TTFT samples kept for {node}, which left the window"
+        for node in [*self._ttft, *self._ttft_checked]:
+            assert node in self.load, f"TTFT state kept for {node}, which left the window"
         for node in self.load.nodes():
             v = self.load.node(node)
             assert v is not None and v.holders == set(self.index.holders(node)), (

@@ -295,16 +295,18 @@ class TTFTWindow:
     """TTFT samples of one node over the window, for Preble's "newer half >= 2 × older half"
     test in O(log samples): times and running sums in a list, expired from the front."""
 
-    __slots__ = ("_start", "_sums", "_times")
+    __slots__ = ("_start", "_sums", "_times", "num_added")
 
     def __init__(self) -> None:
         self._times: list[float] = []
         self._sums: list[float] = [0.0]  # _sums[i] = Σ ttft of samples before i
         self._start = 0  # samples before it have expired
+        self.num_added = 0  # samples ever added (a version number for callers' caches)
 
     def add(self, time_s: float, ttft_s: float) -> None:
         self._times.append(time_s)
         self._sums.append(self._sums[-1] + ttft_s)
+        self.num_added += 1
 
     def expire(self, horizon_s: float) -> None:
         self._start = bisect_left(self._times, horizon_s, lo=self._start)
