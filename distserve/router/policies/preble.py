@@ -197,9 +197,9 @@ class PreblePolicy(PrefixAwarePolicy):
             chosen = self._explore(req, instances, now_s)
         else:
             self.num_exploits += 1
-        node = self._record(req, chosen, now_s)
-        if node is not None:
-            self._replicate_if_queued(node, instances, now_s)
+        deepest = self._record(req, chosen, now_s)
+        if deepest is not None:
+            self._replicate_if_queued(deepest, instances, now_s)
         self._rebalance(instances, now_s)
         return chosen.instance_id
 
@@ -382,7 +382,7 @@ class PreblePolicy(PrefixAwarePolicy):
             if loads[p] <= 0 or loads[p] < ratio * light_load:
                 return
             if self.load.num_hot_nodes(heavy) == 1:  # moving it would move the overload
-                if self._maybe_replicate(self.load.hot_nodes(heavy)[0][1], light, now_s):
+                if self._maybe_replicate(self.load.any_hot_node(heavy), light, now_s):
                     light_load = hot(light)
                 continue
             if queue(heavy) <= 0 or queue(heavy) < ratio * light_queue:

@@ -207,6 +207,10 @@ class WindowedLoad:
     def num_hot_nodes(self, instance_id: str) -> int:
         return len(self._hot_of.get(instance_id, ()))
 
+    def any_hot_node(self, instance_id: str) -> int:
+        """One hot node the instance holds (its only one, when ``num_hot_nodes`` is 1)."""
+        return next(iter(self._hot_of[instance_id]))
+
     def hot_nodes(self, instance_id: str) -> list[tuple[float, int]]:
         """``(C(v) / |holders(v)|, v)`` of the hot nodes the instance holds."""
         out = []
