@@ -8,9 +8,8 @@ repetition of each method runs, alternating, several times:
 - ``ours``: ``KVReceiver.post_recv`` → ``KVSender.start_send`` (per chunk: gather with one
   index_select, one isend) → receiver ``poll()`` until DONE (per chunk, on arrival: header
   check, index_copy_ scatter), with the library's default chunk size or ``--ours``;
-- ``ours @ X`` for each ``--compare`` variant X, measured in the same reps: ``4`` is 4 MB chunks,
-  ``0`` unchunked (one message per transfer, the pre-pipelining layout), a trailing ``i``
-  posts every isend inline on the engine thread instead of on gloo's poster thread;
+- ``ours @ X`` for each ``--compare`` chunk size X in MB, measured in the same reps (``0``:
+  unchunked, one message per transfer as before pipelining), to choose the default;
 - ``raw``: ``dist.send`` / ``dist.recv`` of one preallocated contiguous tensor of the same size.
 
 All are timed on the receiver from a common barrier to the data being in place; the median is
@@ -19,7 +18,7 @@ the wire alone; ``gather``/``scatter`` time one whole-transfer index_select / in
 on each rank; ``send call`` is how long ``start_send`` held the sender's engine thread (all its
 gathers). Prints a table and writes JSON.
 
-    python benchmarks/kv_transfer.py [--quick] [--compare 0,1,1i,8] [--out FILE]
+    python benchmarks/kv_transfer.py [--quick] [--compare 0,1,2,8] [--out FILE]
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from distserve.engine.kv_spec import KVCacheSpec
 from distserve.transfer import KVReceiver, KVSender, TransferDescriptor, create_backend
 from distserve.transfer.block_copy import block_index, gather_blocks, scatter_blocks
 from distserve.transfer.chunking import DEFAULT_CHUNK_BYTES
-from distserve.transfer.torch_backends import DEFAULT_INLINE_POST_MAX_BYTES
 
 # One rank of a small GQA model: 16 layers, 4 local KV heads of 64, 16-token blocks, bf16.
 SPEC = KVCacheSpec(num_layers=16, num_kv_heads=4, head_dim=64, block_size=16, dtype="bfloat16")
@@ -57,12 +55,9 @@ POLL_SLEEP_S = 0.0001  # an engine polls once per step; this loop polls far more
 UNCHUNKED_BYTES = 1 << 62  # a chunk size no transfer reaches: one message per (transfer, pair)
 
 
-def _variant(text: str) -> tuple[int, int]:
-    """``"4"`` → (4 MB chunks, default inline posting); ``"0"``: unchunked; ``"1i"``: all inline."""
-    is_inline = text.endswith("i")
-    chunk_mb = float(text.removesuffix("i"))
-    chunk_bytes = UNCHUNKED_BYTES if chunk_mb == 0 else max(1, int(chunk_mb * MB))
-    return chunk_bytes, UNCHUNKED_BYTES if is_inline else DEFAULT_INLINE_POST_MAX_BYTES
+def _chunk_bytes(chunk_mb: str) -> int:
+    """``"4"`` → 4 MB chunks; ``"0"``: unchunked."""
+    return UNCHUNKED_BYTES if float(chunk_mb) == 0 else max(1, int(float(chunk_mb) * MB))
 
 
 def _free_port() -> int:
@@ -134,15 +129,9 @@ def _measure_size(rank: int, size_mb: int, reps: int, variants: list[str]) -> di
     )
     ids = src_ids if rank == 0 else dst_ids
     expected = _filled_cache(shape, seed=0)[:, :, src_ids] if rank == 1 else None
-    backends = {}
-    endpoints: list[KVSender | KVReceiver] = []
-    for chunk_bytes, inline_bytes in map(_variant, variants):
-        if inline_bytes not in backends:
-            backends[inline_bytes] = create_backend(
-                "gloo", torch.device("cpu"), inline_post_max_bytes=inline_bytes
-            )
-        endpoint = KVSender if rank == 0 else KVReceiver
-        endpoints.append(endpoint(cache, rank, backends[inline_bytes], chunk_bytes=chunk_bytes))
+    backend = create_backend("gloo", torch.device("cpu"))
+    endpoint = KVSender if rank == 0 else KVReceiver
+    endpoints = [endpoint(cache, rank, backend, chunk_bytes=_chunk_bytes(v)) for v in variants]
     raw = torch.empty(num_blocks * SPEC.block_bytes(), dtype=torch.uint8).fill_(1)
     raw_s: list[float] = []
     ours_s: list[list[float]] = [[] for _ in endpoints]
@@ -161,8 +150,7 @@ def _measure_size(rank: int, size_mb: int, reps: int, variants: list[str]) -> di
                 call_s[i].append(t_call)
         if rep:
             raw_s.append(t_raw)
-    for backend in backends.values():
-        backend.close()
+    backend.close()
     copy_s = _time_copy(rank, cache, ids, reps)
     send_call_s = statistics.median(call_s[0])
     gathered: list[Any] = [None, None]
@@ -174,7 +162,7 @@ def _measure_size(rank: int, size_mb: int, reps: int, variants: list[str]) -> di
         "size_mb": payload_bytes / MB,
         "num_blocks": num_blocks,
         "payload_bytes": payload_bytes,
-        "variant": variants[0],  # chunk MB (0: unchunked), "i": isends posted inline
+        "chunk_mb": variants[0],  # 0: unchunked
         "raw_median_s": raw_median_s,
         "ours_median_s": ours_median_s[0],
         "raw_gb_per_s": payload_bytes / raw_median_s / 1e9,
@@ -184,7 +172,7 @@ def _measure_size(rank: int, size_mb: int, reps: int, variants: list[str]) -> di
         "scatter_median_s": gathered[1][0],  # the receiver's whole-transfer index_copy_ alone
         "send_call_median_s": gathered[0][1],  # start_send on the sender's thread (its gathers)
         "compare": [
-            {"variant": v, "ours_median_s": t, "ours_over_raw": raw_median_s / t, "all_s": a}
+            {"chunk_mb": v, "ours_median_s": t, "ours_over_raw": raw_median_s / t, "all_s": a}
             for v, t, a in zip(variants[1:], ours_median_s[1:], ours_s[1:])
         ],
         "raw_all_s": raw_s,
@@ -241,7 +229,7 @@ def _run_world(
 
 def _print_table(rows: list[dict[str, Any]], header: str) -> None:
     print(header)
-    compare = [f"@{c['variant']}" for c in rows[0]["compare"]]
+    compare = [f"@{c['chunk_mb']}MB" for c in rows[0]["compare"]]
     print(
         f"{'KV MB':>7} {'blocks':>7} {'raw ms':>8} {'ours ms':>8} {'raw GB/s':>9} "
         f"{'ours GB/s':>10} {'ours/raw':>9} {'gather ms':>10} {'scatter ms':>11} "
@@ -266,10 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ours",
         default=f"{DEFAULT_CHUNK_BYTES / MB:g}",
-        help="variant of 'ours': chunk MB (default: the library's; 0: unchunked), 'i': inline",
+        help="chunk MB of 'ours' (default: the library's; 0: unchunked)",
     )
     split = lambda text: text.split(",")  # noqa: E731
-    parser.add_argument("--compare", type=split, default=[], help="variants, same reps")
+    parser.add_argument("--compare", type=split, default=[], help="chunk MBs, same reps")
     parser.add_argument("--sizes-mb", type=split, default=None, help="KV sizes in MB")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="kill the world then")
     args = parser.parse_args(argv)

@@ -44,7 +44,7 @@ about ``chunk_bytes``, 4 MB by default; both ends must use the same value), stri
   copies nothing. Each chunk's gather is the send's ``before_post`` hook: with gloo the
   destination's poster thread gathers a chunk and posts it (the socket write follows while the
   chunk is still in cache), and gloo's I/O thread finishes a write while the next chunk is
-  gathered; small chunks to an idle poster are gathered and posted inline. With nccl the gather
+  gathered; a pair's only chunk is gathered and posted inline, as before chunking. With nccl the gather
   is queued on the transfer stream inside ``isend``.
 - decode rank: all chunk receives are posted by ``post_recv``. With gloo, the waiter thread for
   that prefill rank checks each chunk's header and scatters it as soon as it is in, while

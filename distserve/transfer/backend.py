@@ -70,12 +70,19 @@ class TransferBackend(abc.ABC):
 
     @abc.abstractmethod
     def isend(
-        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+        self,
+        message: torch.Tensor,
+        peer_rank: int,
+        before_post: PostHook | None = None,
+        may_post_inline: bool = False,
     ) -> PendingOp:
         """Post a send of the whole (contiguous, uint8) ``message`` to global rank ``peer_rank``.
 
         Sends to one peer are posted in the order of these calls. ``before_post`` runs once,
-        right before the send is posted; if it raises, the op fails with its error."""
+        right before the send is posted; if it raises, the op fails with its error.
+        ``may_post_inline`` lets a backend with a poster thread prepare and post it on the
+        calling thread instead, when that keeps the order (the sender's hint for a pair's only
+        chunk, which then pays no thread hop)."""
 
     @abc.abstractmethod
     def irecv(

@@ -84,8 +84,8 @@ class PeerWaiter:
 
 class PeerPoster:
     """One daemon thread preparing (``before_post``) and posting, in submission order, the sends
-    to one peer, then handing each to the peer's send waiter. A small send that finds it idle
-    is prepared and posted inline instead."""
+    to one peer, then handing each to the peer's send waiter. A send allowed to be posted
+    inline that finds it idle is prepared and posted on the caller's thread instead."""
 
     def __init__(self, name: str, waiter: PeerWaiter) -> None:
         self._waiter = waiter

@@ -132,7 +132,11 @@ class InProcessBackend(TransferBackend):
         return cache_device
 
     def isend(
-        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+        self,
+        message: torch.Tensor,
+        peer_rank: int,
+        before_post: PostHook | None = None,
+        may_post_inline: bool = False,
     ) -> PendingOp:
         error = run_hook(before_post, f"send to rank {peer_rank}")
         if error is not None:  # not posted: the pair's queues never see it

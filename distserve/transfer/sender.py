@@ -21,8 +21,8 @@ their buffers and issues them in their turn; the gather of each chunk is the sen
 Threads: with gloo, the backend's poster thread for the destination gathers each chunk and
 posts it (its socket write is a copy as long as the gather, done while the chunk is still in
 cache), while gloo's I/O thread finishes writing the previous one; ``start_send`` returns at
-once and the engine thread never copies KV (a chunk of at most 1 MiB to an idle poster is
-gathered and posted inline: ``torch_backends.py``). With nccl the gather is queued on the
+once and the engine thread copies no KV — except for a pair's only chunk, which, finding the
+poster idle, is gathered and posted inline as before chunking (``torch_backends.py``). With nccl the gather is queued on the
 transfer stream inside ``isend``, ahead of the send. With a CUDA cache on the gloo (host) wire,
 ``start_send`` queues every gather and its copy to pinned memory on the transfer stream, and a
 chunk is issued by the first ``start_send``/``poll`` that finds its gather fence passed.
@@ -223,7 +223,8 @@ class KVSender:
         fill = functools.partial(self._filler.fill, message, chunk)
         with self._stream.use():  # nccl: the send waits for what the fill queues on the stream
             try:
-                chunk.op = self._backend.isend(chunk.buffer, message.dst_rank, fill)
+                is_only_chunk = len(message.spans) == 1  # nothing to overlap: no thread hop
+                chunk.op = self._backend.isend(chunk.buffer, message.dst_rank, fill, is_only_chunk)
             except Exception as err:  # a refused post: nothing is in flight for this chunk
                 chunk.op = FailedOp(f"isend to rank {message.dst_rank} refused: {err}")
         if self._transfers.get(transfer.desc.transfer_id) is not transfer:

@@ -22,9 +22,10 @@ Which group exists, and its init, belong to the launcher.
   send waiter. Gloo sizes the socket's send buffer to the message and writes it in place inside
   ``isend`` (about 2 ms per 4 MB here), so the chunk is still in cache for that write; when the
   socket is full, gloo's I/O thread finishes the write while the poster gathers the next chunk,
-  which gloo queues behind it, so the wire never waits for a thread to wake up. A small send (up
-  to 1 MiB) that finds the poster idle is prepared and posted inline: there the thread hop
-  would cost more than the copy. Receives are posted by the caller (posting copies nothing).
+  which gloo queues behind it, so the wire never waits for a thread to wake up. A pair's only
+  chunk (the sender says so with ``may_post_inline``) that finds the poster idle is prepared and
+  posted inline, as every send was before chunking: there is nothing to overlap, and on a busy
+  machine the thread hop is a scheduling delay. Receives are posted by the caller.
 
   The wait is given a very long timeout of its own, because on expiry gloo fails every pair of
   the process group, not just the late op; deadlines are the sender's and receiver's
@@ -61,7 +62,6 @@ from distserve.transfer.backend import (
 from distserve.transfer.gloo_threads import PeerPoster, PeerWaiter, WaitedOp
 
 _TAG = 0  # deliberately constant: see the module docstring
-DEFAULT_INLINE_POST_MAX_BYTES = (1 << 20) + 64  # sends this small are posted inline when idle
 
 
 class _WorkOp(PendingOp):
@@ -131,10 +131,10 @@ class GlooBackend(_TorchP2PBackend):
     def __init__(
         self,
         group: dist.ProcessGroup | None = None,
-        inline_post_max_bytes: int = DEFAULT_INLINE_POST_MAX_BYTES,
+        allow_inline_posts: bool = True,
     ) -> None:
         super().__init__(group)
-        self._inline_post_max_bytes = inline_post_max_bytes  # see the module docstring
+        self._allow_inline_posts = allow_inline_posts  # False: every send via the poster thread
         self._posters: dict[int, PeerPoster] = {}  # peer -> its send thread (then waiter)
         self._waiters: dict[int, PeerWaiter] = {}  # peer -> its receive waiter
 
@@ -150,7 +150,11 @@ class GlooBackend(_TorchP2PBackend):
         self._waiters.clear()
 
     def isend(
-        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+        self,
+        message: torch.Tensor,
+        peer_rank: int,
+        before_post: PostHook | None = None,
+        may_post_inline: bool = False,
     ) -> PendingOp:
         # Posted by the peer's send thread: see the module docstring.
         post = functools.partial(self._post_send, message, peer_rank)
@@ -158,7 +162,7 @@ class GlooBackend(_TorchP2PBackend):
         if peer_rank not in self._posters:
             waiter = PeerWaiter(f"kv-transfer-send-wait-{peer_rank}")
             self._posters[peer_rank] = PeerPoster(f"kv-transfer-send-to-{peer_rank}", waiter)
-        self._posters[peer_rank].submit(op, message.numel() <= self._inline_post_max_bytes)
+        self._posters[peer_rank].submit(op, may_post_inline and self._allow_inline_posts)
         return op
 
     def irecv(
@@ -183,7 +187,11 @@ class NcclBackend(_TorchP2PBackend):
         return cache_device
 
     def isend(
-        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+        self,
+        message: torch.Tensor,
+        peer_rank: int,
+        before_post: PostHook | None = None,
+        may_post_inline: bool = False,
     ) -> PendingOp:
         what = self._what(message, peer_rank, True)
         error = run_hook(before_post, what)  # queues its copies on the current (transfer) stream

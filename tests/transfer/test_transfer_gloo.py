@@ -41,7 +41,7 @@ class Scenario:
     dst_tp: int
     block_counts: tuple[int, ...]
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    is_posted_inline: bool = True  # False: every send goes through the gloo poster thread
+    is_posted_inline: bool = True  # False: even a pair's only chunk goes via the poster thread
 
     @property
     def src_ranks(self) -> tuple[int, ...]:
@@ -63,8 +63,9 @@ class Rank:
         self.control = dist.new_group(backend="gloo")  # every rank, same order
         self.full_src = model_cache(self.spec, NUM_SRC_BLOCKS, seed=1)
         self.full_dst = model_cache(self.spec, NUM_DST_BLOCKS, seed=2)
-        inline_bytes = {} if scenario.is_posted_inline else {"inline_post_max_bytes": 0}
-        self.backend = backend = create_backend("gloo", torch.device("cpu"), **inline_bytes)
+        self.backend = backend = create_backend(
+            "gloo", torch.device("cpu"), allow_inline_posts=scenario.is_posted_inline
+        )
         self.is_decode = rank in scenario.dst_ranks
         if self.is_decode:
             self.tp_rank = scenario.dst_ranks.index(rank)

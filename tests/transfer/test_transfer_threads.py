@@ -73,7 +73,11 @@ class _PosterBackend(TransferBackend):
         return self._inner.wire_device(cache_device)
 
     def isend(
-        self, message: torch.Tensor, peer_rank: int, before_post: PostHook | None = None
+        self,
+        message: torch.Tensor,
+        peer_rank: int,
+        before_post: PostHook | None = None,
+        may_post_inline: bool = False,
     ) -> PendingOp:
         posted = _Posted()
         self._sends.append((posted, message, peer_rank, before_post))
