@@ -121,4 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("\nstopping...", flush=True)
         return 0
     finally:
+        # A second Ctrl-C (or a signal forwarded by a wrapper) must not cut the cleanup short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()
