@@ -188,7 +188,12 @@ class LocalCluster:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if this (parent) process dies, so no orphans remain."""
+    """In the child before exec: get SIGTERM if this (parent) process dies, so no orphans remain.
+
+    Also restores SIGINT, which a parent started in the background by a shell inherits as
+    ignored, so that ``stop()`` can ask the children to stop gracefully.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         import ctypes
 

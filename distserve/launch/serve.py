@@ -88,6 +88,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop cleanly under systemd, timeout, kill
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started in the background
     config = serve_config(args)
     log_dir = (
         Path(args.log_dir)
