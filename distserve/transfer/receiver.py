@@ -30,8 +30,10 @@ them on the result, as before.
 Threads: with gloo the header check and scatter of a chunk run on the backend's waiter thread
 for that prefill rank, right after the chunk's receive completed, while gloo's I/O thread
 already fills the next chunk's buffer; ``post_recv``/``cancel``/``poll`` (the engine thread)
-never copy KV and never wait for a copy. With nccl they run inside ``poll()``, queued on the
-transfer stream; reading a header is then a 64-byte device→host copy on that stream.
+never wait for a copy. A pair's *only* chunk is checked and scattered by ``poll()`` instead,
+exactly as every message was before chunking: there is nothing to overlap it with, and a small
+transfer should not get slower. With nccl both run inside ``poll()``, queued on the transfer
+stream; reading a header is then a 64-byte device→host copy on that stream.
 
 Staging buffers come from a pool (``buffer_pool.py``) and go back to it once their receive
 completed and their payload was scattered.
@@ -52,7 +54,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from distserve.transfer.backend import TransferBackend, TransferBackendError
+from distserve.transfer.backend import TransferBackend, TransferBackendError, run_hook
 from distserve.transfer.block_copy import block_index
 from distserve.transfer.buffer_pool import DEFAULT_MAX_POOLED_BYTES, MessagePool
 from distserve.transfer.checks import check_block_ids, check_cache, check_member
@@ -147,7 +149,7 @@ class KVReceiver:
         return True
 
     def poll(self) -> list[TransferResult]:
-        """Check what arrived, report what ended; never blocks (chunks scatter on arrival)."""
+        """Check what arrived (scatter a pair's only chunk), report what ended; never blocks."""
         now = self._clock()
         for transfer in list(self._transfers.values()):
             if transfer.state is TransferState.POSTED:
@@ -195,11 +197,14 @@ class KVReceiver:
         """Post the pair's chunk receives, in chunk order."""
         spec, num_heads = transfer.desc.spec, part.head_slice.num_heads
         block_bytes = message_bytes(spec, 1, num_heads) - HEADER_BYTES
-        for span in plan_chunks(transfer.desc.num_blocks, block_bytes, self._chunk_bytes):
+        spans = plan_chunks(transfer.desc.num_blocks, block_bytes, self._chunk_bytes)
+        for span in spans:
             num_bytes = message_bytes(spec, span.num_blocks, num_heads)
             chunk = InChunk(span, self._pool.acquire(num_bytes, self._wire_device, self._is_pinned))
+            chunk.is_committed_by_poll = len(spans) == 1  # nothing to overlap: as before chunking
             part.chunks.append(chunk)
-            on_arrival = functools.partial(self._committer.on_arrival, transfer, part, chunk)
+            commit = functools.partial(self._committer.on_arrival, transfer, part, chunk)
+            on_arrival = None if chunk.is_committed_by_poll else commit
             chunk.op = self._backend.irecv(chunk.buffer, part.src_rank, on_arrival)
 
     def _poll_posted(self, transfer: InTransfer, now: float) -> None:
@@ -207,7 +212,15 @@ class KVReceiver:
             for chunk in part.chunks:
                 try:
                     assert chunk.op is not None
-                    chunk.has_arrived = chunk.has_arrived or chunk.op.is_done()
+                    if not chunk.has_arrived and chunk.op.is_done():
+                        chunk.has_arrived = True
+                        if chunk.is_committed_by_poll:  # a pair's only chunk: scatter it here
+                            commit = functools.partial(
+                                self._committer.on_arrival, transfer, part, chunk
+                            )
+                            error = run_hook(commit, f"message from rank {part.src_rank}")
+                            if error is not None:
+                                raise TransferBackendError(error)
                 except TransferBackendError as err:
                     self._finish(transfer, TransferState.FAILED, str(err))
                     return

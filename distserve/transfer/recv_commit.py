@@ -7,7 +7,8 @@ one piece of the receiver that runs off the engine thread. ``receiver.py`` owns 
 The backend calls :meth:`ChunkCommitter.on_arrival` once a chunk's bytes are in, before its op
 reports done (``backend.py``): with gloo on the per-peer waiter thread, so a chunk is scattered
 while the next is still on the wire and however rarely the engine polls; with nccl and the
-in-process backend on the thread that polls or delivers. It checks the header and scatters the
+in-process backend on the thread that polls or delivers. (A pair's only chunk is committed by
+the receiver's ``poll()`` instead, through the same method.) It checks the header and scatters the
 payload into the transfer's blocks, unless the transfer has been closed (cancelled, failed,
 timed out). Closing and starting a scatter are serialized by one lock, held only for those
 checks, never during a copy::
@@ -64,6 +65,7 @@ class InChunk:
     buffer: torch.Tensor  # staging: header + payload, on the backend's wire device
     op: PendingOp | None = None  # the posted irecv (set right after posting)
     has_arrived: bool = False  # op reported done: the arrival hook has run
+    is_committed_by_poll: bool = False  # a pair's only chunk: poll() commits it, not a hook
     refusal: Refusal | None = None  # set by the arrival hook when it refused the chunk
     scatter_fence: Fence = PASSED_FENCE  # behind the chunk's scatter (CUDA: an event)
 
