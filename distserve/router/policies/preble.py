@@ -141,12 +141,18 @@ class PreblePolicy(PrefixAwarePolicy):
     # ---- costs -----------------------------------------------------------------------------
     def load_cost(self, inst: InstanceLoad) -> float:
         iid = inst.instance_id
-        window = self.load.share(iid) * self.load_horizon_s / self.load.window_s
-        return window + self.in_flight.cost(iid, self._tpot(inst))
+        scale = self.load_horizon_s / self.load.window_s
+        cost = self.in_flight.pending_prefill_s(iid) + scale * self.load.share(iid)
+        if inst.role == "colocated":  # the same arithmetic as load_costs, so ties stay ties
+            cost += self.in_flight.output_tokens(iid) * self._tpot(inst)
+        return cost
 
-    def load_costs(self, instances: Sequence[InstanceLoad]) -> list[float]:
+    def load_costs(
+        self, instances: Sequence[InstanceLoad], ids: list[str] | None = None
+    ) -> list[float]:
         """``load_cost`` of every instance, in order (one pass over the instances)."""
-        ids = [i.instance_id for i in instances]
+        if ids is None:
+            ids = [i.instance_id for i in instances]
         scale = self.load_horizon_s / self.load.window_s
         costs = [
             q + scale * w
@@ -188,44 +194,45 @@ class PreblePolicy(PrefixAwarePolicy):
             self._ttft.pop(node, None)
             self._ttft_checked.pop(node, None)
         hashes, n = req.block_hashes, req.num_prompt_tokens
+        ids = [i.instance_id for i in instances]
         depth = self.index.deepest_present(hashes)
         matched = min(depth * req.block_size, n)
         chosen: InstanceLoad | None = None
         if matched > n - matched:
-            chosen = self._lightest(instances, among=self.index.holders(hashes[depth - 1]))
+            chosen = self._lightest(instances, ids, among=self.index.holders(hashes[depth - 1]))
         if chosen is None:
-            chosen = self._explore(req, instances, now_s)
+            chosen = self._explore(req, instances, ids, now_s)
         else:
             self.num_exploits += 1
         deepest = self._record(req, chosen, now_s)
         if deepest is not None:
-            self._replicate_if_queued(deepest, instances, now_s)
-        self._rebalance(instances, now_s)
+            self._replicate_if_queued(deepest, instances, ids, now_s)
+        self._rebalance(instances, ids, now_s)
         return chosen.instance_id
 
     def _lightest(
         self,
         instances: Sequence[InstanceLoad],
+        ids: list[str],
         among: Container[str] | None = None,
         exclude: Container[str] = (),
     ) -> InstanceLoad | None:
         """The lowest load cost (ties: list order) among ``among`` (all if None) but not
         ``exclude``; None when no instance qualifies."""
-        best: InstanceLoad | None = None
-        best_cost = 0.0
-        for inst in instances:
-            iid = inst.instance_id
-            if (among is not None and iid not in among) or iid in exclude:
-                continue
-            cost = self.load_cost(inst)
-            if best is None or cost < best_cost:
-                best, best_cost = inst, cost
-        return best
+        positions = [
+            p for p, iid in enumerate(ids) if (among is None or iid in among) and iid not in exclude
+        ]
+        if len(positions) <= 4:
+            costs = {p: self.load_cost(instances[p]) for p in positions}
+        else:
+            all_costs = self.load_costs(instances, ids)
+            costs = {p: all_costs[p] for p in positions}
+        return instances[min(positions, key=costs.__getitem__)] if positions else None
 
     def _explore(
-        self, req: RouteRequest, instances: Sequence[InstanceLoad], now_s: float
+        self, req: RouteRequest, instances: Sequence[InstanceLoad], ids: list[str], now_s: float
     ) -> InstanceLoad:
-        costs = self.load_costs(instances)
+        costs = self.load_costs(instances, ids)
         positions = range(len(instances))
         if self.explore_hit_ratio is not None:
             threshold = self.explore_hit_ratio
@@ -312,21 +319,20 @@ class PreblePolicy(PrefixAwarePolicy):
 
     # ---- replication by queue (adaptation c) -----------------------------------------------
     def _replicate_if_queued(
-        self, node: int, instances: Sequence[InstanceLoad], now_s: float
+        self, node: int, instances: Sequence[InstanceLoad], ids: list[str], now_s: float
     ) -> None:
         v = self.load.node(node)
         if v is None or not v.is_hot:
             return
         queue = self.in_flight.pending_prefill_s
-        best_queue_s = min(
-            (queue(i.instance_id) for i in instances if i.instance_id in v.holders), default=None
-        )
+        listed = set(ids)
+        best_queue_s = min((queue(iid) for iid in v.holders if iid in listed), default=None)
         # any copy recomputes at least the node's own blocks: skip the scan when even that
         # is more than the best holder's queue
         min_copy_s = self.prefill_time((v.end - v.start) * v.block_size, 0)
         if best_queue_s is None or best_queue_s < self.rebalance_ratio * min_copy_s:
             return
-        light = self._lightest(instances, exclude=v.holders)
+        light = self._lightest(instances, ids, exclude=v.holders)
         if light is not None and self._relieves(best_queue_s, light.instance_id, node):
             self._claim_copy(node, light.instance_id, now_s)
             self.num_queue_replications += 1
@@ -358,13 +364,12 @@ class PreblePolicy(PrefixAwarePolicy):
     def rebalance(self, instances: Sequence[InstanceLoad], now_s: float) -> None:
         """Move or replicate hot prefixes (runs after every dispatch; callable directly)."""
         self._ensure_known(instances)
-        self._rebalance(instances, now_s)
+        self._rebalance(instances, [i.instance_id for i in instances], now_s)
 
-    def _rebalance(self, instances: Sequence[InstanceLoad], now_s: float) -> None:
+    def _rebalance(self, instances: Sequence[InstanceLoad], ids: list[str], now_s: float) -> None:
         warmup = self.warmup_requests + self.warmup_requests_per_instance * len(instances)
         if self._num_routed < warmup or len(instances) < 2:
             return
-        ids = [i.instance_id for i in instances]
         loads = self.load.hot_shares(ids)
         ratio = self.rebalance_ratio
         if max(loads) <= 0 or max(loads) < ratio * min(loads):
