@@ -1,0 +1,111 @@
+"""The router serves requests through simulated instances exactly as through real ones.
+
+One asyncio loop holds a real router (``RouterServer``: Generation + Registry over gRPC) and
+simulated instances that register and heartbeat with it; requests go through the public
+``Generation`` service. Every server is stopped at the end, also when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from distserve._proto import generation_pb2, generation_pb2_grpc
+from distserve.instance.simulated import SimulatedInstance, SimulatedOptions, cluster_options
+from distserve.launch.cluster_config import cluster_config_from_dict
+from distserve.router.server import RouterServer
+
+
+async def _serve(model, policy: str, num_prefill: int, num_decode: int, num_colocated: int, body):
+    config = cluster_config_from_dict(
+        {
+            "model": str(model),
+            "device": "cpu",
+            "router": {"grpc_port": 0, "http_port": None, "policy": policy},
+            # what the router's config says of the pools; the instances below are what runs
+            "prefill": {"instances": num_prefill},
+            "decode": {"instances": num_decode},
+            "colocated": {"instances": num_colocated},
+        }
+    )
+    router = RouterServer(config)
+    await router.start()
+    instances: list[SimulatedInstance] = []
+    try:
+        base = SimulatedOptions(
+            instance_id="",
+            role="prefill",
+            model=str(model),
+            router_address=router.grpc_address,
+            block_size=4,
+            num_kv_blocks=64,
+            heartbeat_s=0.05,
+        )
+        for options in cluster_options(base, num_prefill, num_decode, num_colocated):
+            instances.append(SimulatedInstance(options))
+            await instances[-1].start()
+        async with grpc.aio.insecure_channel(router.grpc_address) as channel:
+            await body(generation_pb2_grpc.GenerationStub(channel), router, instances)
+    finally:
+        for instance in instances:
+            await instance.stop()
+        await router.stop()
+
+
+def _request(ids: list[int], max_tokens: int, rid: str = "") -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        request_id=rid,
+        token_ids=generation_pb2.TokenIds(ids=ids),
+        sampling=generation_pb2.SamplingOptions(max_tokens=max_tokens, temperature=0),
+    )
+
+
+async def _generate(stub, request) -> list[generation_pb2.GenerateResponse]:
+    return [msg async for msg in stub.Generate(request, timeout=10)]
+
+
+def test_disaggregated_request_goes_through_prefill_and_decode(tiny_llama):
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+
+    async def body(stub, router, instances):
+        msgs = await _generate(stub, _request(prompt, 4, "r1"))
+        tokens = [t for m in msgs for t in m.token_ids]
+        assert tokens == prompt[:4]  # simulated output: the prompt's tokens, repeated
+        last = msgs[-1]
+        assert last.finish_reason == "length"
+        assert last.usage.prompt_tokens == 9 and last.usage.completion_tokens == 4
+        assert last.prefill_instance.startswith("sim-prefill-")
+        assert last.decode_instance.startswith("sim-decode-")
+        prefill = next(i for i in instances if i.options.instance_id == last.prefill_instance)
+        assert prefill._leases == {}  # the decode side pulled the KV, ending the lease
+
+        # the same prompt again on the same prefill instance hits its simulated prefix cache
+        await asyncio.sleep(0.2)  # a heartbeat carries the stored blocks to the router
+        again = await _generate(stub, _request(prompt, 1, "r2"))
+        assert again[-1].finish_reason == "length" and len(again) == 1
+        assert again[-1].usage.cached_tokens == 8
+        assert again[-1].prefill_instance == last.prefill_instance
+        assert sum(i.num_requests for i in instances) == 3  # 2 prefills + 1 decode
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _generate(stub, _request([10**9], 2))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(_serve(tiny_llama, "cache_aware", 2, 1, 0, body))
+
+
+def test_text_prompt_through_colocated_instance(tiny_llama):
+    async def body(stub, router, instances):
+        request = generation_pb2.GenerateRequest(
+            text="hello there",
+            sampling=generation_pb2.SamplingOptions(max_tokens=3, temperature=0),
+        )
+        msgs = await _generate(stub, request)
+        assert sum(len(m.token_ids) for m in msgs) == 3
+        assert msgs[-1].finish_reason == "length"
+        assert msgs[-1].prefill_instance == msgs[-1].decode_instance == "sim-colocated-0"
+        assert "".join(m.text for m in msgs)  # detokenized by the router
+
+    asyncio.run(_serve(tiny_llama, "round_robin", 0, 0, 1, body))
