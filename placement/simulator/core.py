@@ -14,6 +14,7 @@ arrivals, each group in creation order, so a run is deterministic.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from placement.simulator.request import SimRequest
 from placement.simulator.result import SimResult
 from placement.simulator.spec import ClusterSpec
 
-_STEP_DONE, _TRANSFER_DONE, _STAGE_FREE, _ARRIVAL = 0, 1, 2, 3
+_STEP_DONE, _TRANSFER_DONE, _STAGE_FREE = 0, 1, 2  # event kinds; arrivals sort after all three
 
 
 def route_request(w: WorkloadRequest, expected_output_tokens: int | None = None) -> RouteRequest:
@@ -49,11 +50,14 @@ class _Sim:
         policy: RoutingPolicy,
         block_size: int,
         trace: list[tuple[str, tuple[Any, ...], Any]] | None,
+        prefix_caching: bool = True,
     ) -> None:
         self.cluster = cluster
         self.policy = policy
         self.trace = trace
-        self.instances = {s.instance_id: SimInstance(s, block_size) for s in cluster.instances}
+        self.instances = {
+            s.instance_id: SimInstance(s, block_size, prefix_caching) for s in cluster.instances
+        }
         self.front = [i for i in self.instances.values() if i.role != "decode"]
         self.back = [i for i in self.instances.values() if i.role == "decode"]
         self.events: list[tuple[float, int, int, Any]] = []
@@ -64,10 +68,21 @@ class _Sim:
         self.min_capacity = min(i.pool.capacity_blocks for i in self.instances.values())
         for inst in self.instances.values():
             policy.add_instance(inst.instance_id, inst.role, inst.pool.capacity_blocks)
+        # the policy's entry points, called directly unless every call is traced
+        self.choose_prefill = self._traced("choose_prefill")
+        self.choose_decode = self._traced("choose_decode")
+        self.on_prefill_done = self._traced("on_prefill_done")
+        self.on_finished = self._traced("on_finished")
 
     def push(self, t: float, kind: int, payload: Any) -> None:
         self.seq += 1
         heapq.heappush(self.events, (t, kind, self.seq, payload))
+
+    def _traced(self, method: str) -> Callable[..., Any]:
+        bound = getattr(self.policy, method)
+        if self.trace is None:
+            return bound  # type: ignore[no-any-return]
+        return lambda *args: self.call(method, *args)
 
     def call(self, method: str, *args: Any) -> Any:
         result = getattr(self.policy, method)(*args)
@@ -76,21 +91,34 @@ class _Sim:
         return result
 
     def run(self, requests: Sequence[SimRequest]) -> float:
-        for r in requests:
-            self.push(r.w.arrival_s, _ARRIVAL, r)
-        now = 0.0
-        while self.events:
-            now, kind, _, payload = heapq.heappop(self.events)
-            if kind == _ARRIVAL:
-                self.arrive(payload, now)
-            elif kind == _STEP_DONE:
-                inst, plan = payload
-                self.step_done(inst, plan, now)
+        # Arrivals come from a list sorted by time (stable: ties keep their order) instead of the
+        # heap; an arrival runs before the heap's next event only when it is strictly earlier,
+        # which is the order "completions, then stage frees, then arrivals" at equal times.
+        arrivals = sorted(requests, key=lambda r: r.w.arrival_s)
+        times = [r.w.arrival_s for r in arrivals]
+        times.append(math.inf)
+        events, pop = self.events, heapq.heappop
+        arrive, step_done, transfer_done, kick = (
+            self.arrive,
+            self.step_done,
+            self.transfer_done,
+            self.kick,
+        )
+        now, i, num_arrivals = 0.0, 0, len(arrivals)
+        while i < num_arrivals or events:
+            if not events or times[i] < events[0][0]:
+                now = times[i]
+                arrive(arrivals[i], now)
+                i += 1
+                continue
+            now, kind, _, payload = pop(events)
+            if kind == _STEP_DONE:
+                step_done(payload[0], payload[1], now)
             elif kind == _TRANSFER_DONE:
-                self.transfer_done(payload, now)
+                transfer_done(payload, now)
             else:
                 payload.stage_free()
-                self.kick(payload, now)
+                kick(payload, now)
         return now
 
     # ---- handlers --------------------------------------------------------------------------
@@ -98,12 +126,12 @@ class _Sim:
         fronts = self.front
         if r.num_total_blocks > self.min_capacity:  # some instance may be too small for it
             fronts = [i for i in self.front if i.blocks_needed(r) <= i.pool.capacity_blocks]
-        if not fronts or (self.back and not any(self._fits_back(i, r) for i in self.back)):
-            self.rejected.append(r.w.request_id)
-            return
+            if not fronts or (self.back and not any(self._fits_back(i, r) for i in self.back)):
+                self.rejected.append(r.w.request_id)
+                return
         loads = [i.snapshot() for i in fronts]
         t0 = time.perf_counter()
-        iid = self.call("choose_prefill", r.route, loads, now)
+        iid = self.choose_prefill(r.route, loads, now)
         self.decision_s.append(time.perf_counter() - t0)
         inst = self.instances[iid]
         inst.enqueue_prefill(r)
@@ -127,7 +155,7 @@ class _Sim:
         self.flush(inst, now)
         for r in prefilled:
             r.first_token_s = now
-            self.call("on_prefill_done", r.w.request_id, now, now - r.w.arrival_s)
+            self.on_prefill_done(r.w.request_id, now, now - r.w.arrival_s)
             if inst.role != "prefill":
                 continue
             if r.output_len == 1:
@@ -139,7 +167,7 @@ class _Sim:
             if r.num_total_blocks > self.min_capacity:
                 backs = [i for i in self.back if self._fits_back(i, r)]
             loads = [i.snapshot() for i in backs]
-            decode = self.instances[self.call("choose_decode", r.route, loads, now)]
+            decode = self.instances[self.choose_decode(r.route, loads, now)]
             decode.enqueue_decode(r)
             self.admit_decode(decode, now)
         for r in finished:
@@ -171,7 +199,7 @@ class _Sim:
         if not r.decode_id:
             r.decode_id = r.prefill_id
         self.done.append(r)
-        self.call("on_finished", r.w.request_id, now)
+        self.on_finished(r.w.request_id, now)
 
     def flush(self, inst: SimInstance, now: float) -> None:
         pool = inst.pool
@@ -202,11 +230,12 @@ def simulate(
     block_sizes = {w.block_size for w in requests}
     if len(block_sizes) > 1:
         raise ValueError(f"all requests must share one block size, got {sorted(block_sizes)}")
-    sim = _Sim(cluster, policy, block_sizes.pop() if block_sizes else 16, trace)
     reqs = [
         SimRequest(w, route_request(w, expected_output(w) if expected_output else None))
         for w in requests
     ]
+    caching = trace is not None or _listens_to_cache(policy) or _shares_blocks(reqs)
+    sim = _Sim(cluster, policy, block_sizes.pop() if block_sizes else 16, trace, caching)
     end_s = sim.run(reqs)
     for inst in sim.instances.values():
         inst.pool.check_consistency()
@@ -222,3 +251,27 @@ def simulate(
         num_gpus=cluster.num_gpus,
         end_s=end_s,
     )
+
+
+def _listens_to_cache(policy: RoutingPolicy) -> bool:
+    """Whether the policy overrides a prefix-cache event hook."""
+    cls = type(policy)
+    return (
+        cls.on_blocks_stored is not RoutingPolicy.on_blocks_stored
+        or cls.on_blocks_evicted is not RoutingPolicy.on_blocks_evicted
+    )
+
+
+def _shares_blocks(reqs: Sequence[SimRequest]) -> bool:
+    """Whether some block hash occurs in two requests. When none does, no prompt can ever hit
+    a prefix cache, and a pool with caching off gives the same free-block counts (unreferenced
+    cached blocks count as free) without tracking every block: unless the policy or a trace
+    observes the cache events, the run is identical, only faster."""
+    seen: set[int] = set()
+    total = 0
+    for r in reqs:
+        seen.update(r.hashes)
+        total += len(r.hashes)
+        if len(seen) < total:
+            return True
+    return False

@@ -30,7 +30,7 @@ from placement.simulator.request import SimRequest
 from placement.simulator.spec import InstanceSpec
 
 
-@dataclass
+@dataclass(slots=True)
 class StepPlan:
     """One batch in flight: prompt chunks and the number of decode tokens."""
 
@@ -41,14 +41,17 @@ class StepPlan:
 
 
 class SimInstance:
-    def __init__(self, spec: InstanceSpec, block_size: int) -> None:
+    def __init__(self, spec: InstanceSpec, block_size: int, prefix_caching: bool = True) -> None:
+        """``prefix_caching`` False turns the cache off whatever the spec says (the simulator
+        does so when no two prompts share a block, see ``core.simulate``)."""
         self.spec = spec
         self.instance_id = spec.instance_id
         self.role = spec.role
         self.block_size = block_size
         self.latency = spec.latency
         self.pool = KVPool(
-            spec.kv_capacity_tokens // block_size, spec.prefix_caching and spec.role != "decode"
+            spec.kv_capacity_tokens // block_size,
+            prefix_caching and spec.prefix_caching and spec.role != "decode",
         )
         self.admission = (
             make_admission_order(spec.admission, **dict(spec.admission_options))
@@ -69,6 +72,11 @@ class SimInstance:
         self.busy_s = 0.0
         self.recent_tpot_s: float | None = None
         self._snapshot: InstanceLoad | None = None
+        lat = self.latency
+        # decode_step_latency_ms inlined for pp = 1 (the hot path): the same arithmetic
+        self._decode_fit = (
+            (lat.large_batch_threshold, lat.decode_small, lat.decode_large) if lat.pp == 1 else None
+        )
 
     # ---- routing view ----------------------------------------------------------------------
     @property
@@ -127,18 +135,20 @@ class SimInstance:
         """Compose the next batch, if there is work; marks the instance busy."""
         if self.is_busy:
             return None
-        plan = StepPlan()
         budget = self.spec.max_prefill_tokens
+        decodes = 0
         if self.role != "prefill":
-            for r in self.joining:
-                self._join(r)
-            self.joining.clear()
-            plan.decodes = len(self._decoding)
-            budget -= plan.decodes
+            if self.joining:
+                for r in self.joining:
+                    self._join(r)
+                self.joining.clear()
+            decodes = len(self._decoding)
+            budget -= decodes
+        chunks: list[tuple[SimRequest, int]] = []
         for r in self.prefilling:
             n = min(r.prompt_len - r.num_scheduled, budget)
             if n > 0:
-                plan.chunks.append((r, n))
+                chunks.append((r, n))
                 budget -= n
         if budget > 0 and self.waiting:
             assert self.admission is not None
@@ -149,12 +159,13 @@ class SimInstance:
                 if not self._admit(r, now_s):
                     break
                 n = min(r.prompt_len - r.num_scheduled, budget)
-                plan.chunks.append((r, n))
+                chunks.append((r, n))
                 budget -= n
-        if not plan.chunks and not plan.decodes:
+        if not chunks and not decodes:
             return None
-        for r, n in plan.chunks:
+        for r, n in chunks:
             r.num_scheduled += n
+        plan = StepPlan(chunks, decodes)
         self._time(plan)
         self.is_busy = True
         self._snapshot = None
@@ -166,14 +177,22 @@ class SimInstance:
 
     def _time(self, plan: StepPlan) -> None:
         lat = self.latency
-        work_ms = sum(lat.extend_work_ms(n, r.num_scheduled - n) for r, n in plan.chunks)
+        work_ms: float = 0
+        if plan.chunks:
+            work_ms = sum(lat.extend_work_ms(n, r.num_scheduled - n) for r, n in plan.chunks)
         if self.role == "prefill":
             work_ms += lat.prefill[0]
             plan.stage_s = lat.prefill_stage_ms(work_ms) / 1000
             plan.latency_s = lat.prefill_batch_latency_ms(work_ms) / 1000
         else:
-            if plan.decodes:
-                work_ms += lat.decode_step_latency_ms(plan.decodes, self.sum_ctx)
+            batch = plan.decodes
+            if batch:
+                fit = self._decode_fit
+                if fit is not None:
+                    a, b, c = fit[1] if batch <= fit[0] else fit[2]
+                    work_ms += a + b * self.sum_ctx + c * batch
+                else:
+                    work_ms += lat.decode_step_latency_ms(batch, self.sum_ctx)
             else:
                 work_ms += lat.prefill[0]
             plan.stage_s = plan.latency_s = work_ms / 1000
@@ -185,22 +204,25 @@ class SimInstance:
         if self.latency.pp == 1 or self.role != "prefill":
             self.is_busy = False
         prefilled: list[SimRequest] = []
+        caching = self.pool.enable_prefix_caching
         for r, n in plan.chunks:
             r.num_computed += n
             if r.num_computed == r.prompt_len:
                 prefilled.append(r)
-                self.pool.commit(r.hashes[r.num_cached_blocks :])
+                if caching:  # without caching, commit keeps the blocks private: nothing to do
+                    self.pool.commit(r.hashes[r.num_cached_blocks :])
                 r.prefill_private_blocks -= len(r.hashes) - r.num_cached_blocks
         if prefilled:
             done = {id(r) for r in prefilled}
             self.prefilling = [r for r in self.prefilling if id(r) not in done]
         finished: list[SimRequest] = []
         if plan.decodes:
-            self.num_steps += 1
-            self.sum_ctx += len(self._decoding)
+            decoding = self._decoding
+            steps = self.num_steps = self.num_steps + 1
+            self.sum_ctx += len(decoding)
             self.recent_tpot_s = plan.latency_s
-            while self._decoding and self._decoding[0][0] <= self.num_steps:
-                r = heapq.heappop(self._decoding)[2]
+            while decoding and decoding[0][0] <= steps:
+                r = heapq.heappop(decoding)[2]
                 self.sum_ctx -= r.prompt_len + r.output_len
                 self._release_decode(r)
                 finished.append(r)

@@ -49,52 +49,71 @@ class KVPool:
     def allocate(self, hashes: Sequence[int], num_cached: int, num_private: int) -> bool:
         """Reference the first ``num_cached`` hashes (cached) and take ``num_private`` new blocks;
         evicts LRU blocks as needed. False (and no change) when it cannot fit."""
-        newly_referenced = sum(1 for h in hashes[:num_cached] if h not in self._refs)
+        refs = self._refs
+        if not num_cached:
+            if num_private > self.capacity_blocks - len(refs) - self.num_private:
+                return False
+            self.num_private += num_private
+            self._evict_to_fit()
+            return True
+        newly_referenced = sum(1 for h in hashes[:num_cached] if h not in refs)
         if newly_referenced + num_private > self.num_free:
             return False
+        lru = self._lru
         for h in hashes[:num_cached]:
-            if h in self._lru:
-                del self._lru[h]
-            self._refs[h] = self._refs.get(h, 0) + 1
+            if h in lru:
+                del lru[h]
+            refs[h] = refs.get(h, 0) + 1
         self.num_private += num_private
         self._evict_to_fit()
         return True
 
     def commit(self, hashes: Sequence[int]) -> None:
         """Computed blocks become cached (still referenced): one private block per hash is
-        turned into a shared one; a hash already cached frees the duplicate."""
+        turned into a shared one; a hash already cached frees the duplicate. Without prefix
+        caching they stay private until ``release``."""
+        if not self.enable_prefix_caching:
+            return
         self.num_private -= len(hashes)
         assert self.num_private >= 0, "committed more blocks than were private"
-        if not self.enable_prefix_caching:
-            self.num_private += len(hashes)
-            return
+        lru, refs, stored = self._lru, self._refs, self.stored
         for h in hashes:
-            if h in self._lru:
-                del self._lru[h]
-            elif h not in self._refs:
-                self.stored.append(h)
-            self._refs[h] = self._refs.get(h, 0) + 1
+            n = refs.get(h)
+            if n is not None:
+                refs[h] = n + 1
+                continue
+            if h in lru:
+                del lru[h]
+            else:
+                stored.append(h)
+            refs[h] = 1
 
     def release(self, cached_hashes: Sequence[int], num_private: int) -> None:
         """Drop a request's references; unreferenced blocks join the LRU list, leaf first so
-        that a prefix outlives its extensions."""
+        that a prefix outlives its extensions. ``cached_hashes`` are the blocks the request
+        referenced or committed; without prefix caching those are private blocks, freed here."""
+        if not self.enable_prefix_caching:
+            num_private += len(cached_hashes)
+            cached_hashes = ()
         self.num_private -= num_private
         assert self.num_private >= 0, "released more private blocks than allocated"
+        lru, refs = self._lru, self._refs
         for h in reversed(cached_hashes):
-            refs = self._refs[h] - 1
-            if refs:
-                self._refs[h] = refs
+            n = refs[h] - 1
+            if n:
+                refs[h] = n
             else:
-                del self._refs[h]
-                self._lru[h] = None
+                del refs[h]
+                lru[h] = None
         self._evict_to_fit()
 
     def _evict_to_fit(self) -> None:
-        while (
-            self._lru and len(self._lru) + len(self._refs) + self.num_private > self.capacity_blocks
-        ):
-            h, _ = self._lru.popitem(last=False)
-            self.evicted.append(h)
+        lru = self._lru
+        excess = len(lru) + len(self._refs) + self.num_private - self.capacity_blocks
+        if excess > 0 and lru:
+            evicted = self.evicted
+            for _ in range(min(excess, len(lru))):
+                evicted.append(lru.popitem(last=False)[0])
 
     def check_consistency(self) -> None:
         assert not set(self._lru) & set(self._refs), "a block is both referenced and in the LRU"

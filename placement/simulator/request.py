@@ -30,9 +30,11 @@ class SimRequest:
         "num_prompt_blocks",
         "num_scheduled",
         "num_total_blocks",
+        "output_len",
         "prefill_admit_s",
         "prefill_id",
         "prefill_private_blocks",
+        "prompt_len",
         "route",
         "w",
     )
@@ -41,6 +43,8 @@ class SimRequest:
         self.w = w
         self.route = route
         self.hashes = route.block_hashes
+        self.prompt_len = w.input_len
+        self.output_len = w.output_len
         self.num_prompt_blocks = -(-w.input_len // w.block_size)
         self.num_total_blocks = -(-(w.input_len + w.output_len) // w.block_size)  # prompt + output
         self.prefill_id = ""
@@ -54,14 +58,6 @@ class SimRequest:
         self.prefill_admit_s = -1.0
         self.first_token_s = -1.0
         self.finish_s = -1.0
-
-    @property
-    def prompt_len(self) -> int:
-        return self.w.input_len
-
-    @property
-    def output_len(self) -> int:
-        return self.w.output_len
 
     def record(self) -> RequestRecord:
         w = self.w

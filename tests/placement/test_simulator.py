@@ -147,3 +147,33 @@ def test_mixed_block_sizes_are_an_error() -> None:
     b = WorkloadRequest("b", 0.0, "c", 32, 1, (1,), 32)
     with pytest.raises(ValueError, match="one block size"):
         simulate(cluster(), [a, b], "round_robin")
+
+
+@pytest.mark.parametrize("role", ["prefill", "colocated"])
+def test_prefix_caching_off_runs_and_caches_nothing(role: str) -> None:
+    shared = list(range(16))
+    reqs = [
+        wreq("r1", 0.0, 512, 3, [*shared, *range(100, 116)]),
+        wreq("r2", 10.0, 512, 3, [*shared, *range(200, 216)]),
+    ]
+    spec = (
+        ClusterSpec.colocated(1, InstanceSpec("colocated", prefix_caching=False))
+        if role == "colocated"
+        else cluster(prefix_caching=False)
+    )
+    result = simulate(spec, reqs, "round_robin")  # used to raise KeyError in KVPool.release
+    assert [r.num_cached_tokens for r in result.records] == [0, 0]
+    assert result.records[0].ttft_s == pytest.approx(result.records[1].ttft_s)
+
+
+def test_skipping_the_cache_when_no_block_is_shared_changes_nothing() -> None:
+    """Without shared blocks the simulator turns prefix caching off (see ``_shares_blocks``);
+    a trace forces it on: both runs must agree on every record."""
+    from placement.workload import parse_workload
+
+    reqs = parse_workload("sharegpt-like", 300, 0, 1.0, 2048).at_rate(6.0)
+    spec = ClusterSpec.disaggregated(2, 2, prefill=InstanceSpec("prefill", kv_capacity_tokens=8192))
+    fast = simulate(spec, reqs, "least_load")
+    cached = simulate(spec, reqs, "least_load", trace=[])
+    assert fast.records == cached.records and fast.end_s == cached.end_s
+    assert fast.busy_s == cached.busy_s and fast.rejected == cached.rejected
