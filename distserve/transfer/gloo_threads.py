@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from distserve.transfer import activity
 from distserve.transfer.backend import (
     ArrivalHook,
     PendingOp,
@@ -80,6 +81,7 @@ class PeerWaiter:
             else:
                 op.error = run_hook(op.on_arrival, op.what)
             op.finished.set()
+            activity.notify()
 
 
 class PeerPoster:
@@ -120,6 +122,7 @@ class PeerPoster:
                 op.error = f"{op.what} failed: {err}"
         if op.error is not None:
             op.finished.set()
+            activity.notify()
             return
         self._waiter.add(op)
 
