@@ -77,28 +77,37 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     async def _stream_tokens(
         self, context: grpc.aio.ServicerContext, request_id: str, stream: asyncio.Queue[StreamItem]
     ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        """One message per engine step's tokens; when this handler fell behind (several steps'
+        items already queued), their tokens go out together in one message."""
         finished = False
         try:
             chunk = instance_pb2.TokenChunk(request_id=request_id)
-            while True:
-                item = await stream.get()
-                if item.error:
-                    finished = True
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, item.error)
-                if isinstance(item.payload, TransferStats):
-                    chunk.transfer_s = item.payload.elapsed_s
-                    chunk.transfer_bytes = item.payload.num_bytes
-                    continue
-                chunk.token_ids.extend(item.token_ids)
-                if item.num_cached_tokens:
-                    chunk.num_cached_tokens = item.num_cached_tokens
-                if item.finish_reason:
-                    chunk.finish_reason = item.finish_reason
-                    finished = True
-                yield chunk
-                if finished:
-                    return
-                chunk = instance_pb2.TokenChunk(request_id=request_id)
+            while not finished:
+                items = [await stream.get()]
+                while not stream.empty():
+                    items.append(stream.get_nowait())
+                has_tokens = False  # the chunk holds items to send
+                for item in items:
+                    if item.error:
+                        if has_tokens:
+                            yield chunk
+                        finished = True
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, item.error)
+                    if isinstance(item.payload, TransferStats):
+                        chunk.transfer_s = item.payload.elapsed_s
+                        chunk.transfer_bytes = item.payload.num_bytes
+                        continue
+                    chunk.token_ids.extend(item.token_ids)
+                    if item.num_cached_tokens:
+                        chunk.num_cached_tokens = item.num_cached_tokens
+                    has_tokens = True
+                    if item.finish_reason:
+                        chunk.finish_reason = item.finish_reason
+                        finished = True
+                        break
+                if has_tokens:
+                    yield chunk
+                    chunk = instance_pb2.TokenChunk(request_id=request_id)
         finally:
             self.loop.close_stream(request_id)
             if not finished:
