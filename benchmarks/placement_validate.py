@@ -17,7 +17,14 @@ Stages (each result is kept in ``--workdir``; a rerun skips what exists, ``--fre
              prints a table and writes JSON
 
 The router and the bench client are not pinned: they share the two cores with the instances
-(and with anything else running on the machine, whose load average is recorded).
+(and with anything else running on the machine, whose load average is recorded). How much of
+the cores the instances actually got is recorded too: per rank process, the CPU time its
+threads ran and the time they were runnable but waited for a core (``/proc/<pid>/task/*/
+schedstat``) during each bench run — ``cpu_share`` = ran / (ran + waited); well below 1 means
+other processes took the instances' cores and the measured latencies are not the profile's.
+Each row also splits a request's TPOT: the first gap (first token → second token: for the
+disaggregated cluster the hand-off — Decode RPC, KV pull, joining the batch) and the median
+of the remaining inter-token gaps.
 
     python benchmarks/placement_validate.py [--quick] [--workdir DIR] [--out results/placement_validate.json]
 """
@@ -175,6 +182,7 @@ def stage_bench(
     with LocalCluster(config, log_dir=work / "logs" / name, log_level="WARNING") as cluster:
         for path, sweep, n in runs:
             load_before = os.getloadavg()
+            sched_before = rank_schedstats(cluster.ranks)
             cmd = [
                 sys.executable, "-m", "distserve.cli", "bench",
                 "--endpoint", f"grpc://{cluster.grpc_address}", "--dataset", "random",
@@ -188,9 +196,48 @@ def stage_bench(
             subprocess.run(cmd, check=True)
             report = json.loads(Path(str(path) + ".partial").read_text())
             report["load_avg"] = {"before": load_before, "after": os.getloadavg()}
+            report["rank_cpu"] = rank_cpu(sched_before, rank_schedstats(cluster.ranks))
             path.write_text(json.dumps(report, indent=1))
             os.unlink(str(path) + ".partial")
     return json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
+
+
+def rank_schedstats(ranks: list[subprocess.Popen]) -> dict[str, tuple[int, int]]:
+    """Per rank process: (ns its threads ran, ns they waited runnable for a core), summed."""
+    out = {}
+    for i, proc in enumerate(ranks):
+        ran = waited = 0
+        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+            try:
+                fields = (task / "schedstat").read_text().split()
+            except OSError:  # a thread that just ended
+                continue
+            ran, waited = ran + int(fields[0]), waited + int(fields[1])
+        out[f"rank{i}"] = (ran, waited)
+    return out
+
+
+def rank_cpu(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> dict[str, dict[str, float]]:
+    """What each rank got during one bench run (threads that ended in between are not counted)."""
+    out = {}
+    for rank, (ran, waited) in after.items():
+        ran_s, waited_s = (ran - before[rank][0]) / 1e9, (waited - before[rank][1]) / 1e9
+        share = ran_s / (ran_s + waited_s) if ran_s + waited_s > 0 else float("nan")
+        out[rank] = {"ran_s": ran_s, "waited_s": waited_s, "cpu_share": share}
+    return out
+
+
+def gap_split(requests: list[dict[str, Any]]) -> tuple[float, float]:
+    """(median first inter-token gap, median of the later ones) over a run's requests, seconds."""
+    first = [r["itl_s"][0] for r in requests if r.get("itl_s")]
+    rest = [g for r in requests if r.get("itl_s") for g in r["itl_s"][1:]]
+
+    def median(xs: list[float]) -> float:
+        return float(np.median(xs)) if xs else float("nan")
+
+    return median(first), median(rest)
 
 
 def calibration_rate(plan: dict[str, Any]) -> float:
@@ -252,12 +299,14 @@ def main() -> int:
             workload = bench_workload(lens, rate, args.seed + i)
             raw = simulate(model, slo, settings, p, workload, rate)
             cal = simulate(tuned, slo, settings, p, workload, rate)
+            first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,
                 "measured": r["slo_attainment"], "simulated": raw["attainment"],
                 "simulated_calibrated": cal["attainment"],
                 "measured_p50_ttft_s": r["ttft_s"]["median"], "simulated_p50_ttft_s": raw["p50_ttft_s"],
                 "measured_p50_tpot_s": r["tpot_s"]["median"], "simulated_p50_tpot_s": raw["p50_tpot_s"],
+                "measured_p50_first_gap_s": first_gap, "measured_p50_later_gaps_s": later_gaps,
                 "errors": r["num_errors"],
             })  # fmt: skip
         summary[name] = {
@@ -268,6 +317,7 @@ def main() -> int:
             "calibration": {"rate_per_s": low, "prefill_overhead_ms": dt_prefill,
                             "decode_overhead_ms": dt_decode},
             "load_avg": {"calibration": calib["load_avg"], "sweep": report["load_avg"]},
+            "rank_cpu": {"calibration": calib.get("rank_cpu"), "sweep": report.get("rank_cpu")},
         }  # fmt: skip
     print_table(rows, summary, plan)
     result = {"benchmark": "placement_validate", "date": time.strftime("%Y-%m-%d"),
@@ -283,14 +333,15 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
     slo = plan["slo"]
     print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
     print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (calibrated) "
-          "| p50 TTFT meas/sim (ms) | p50 TPOT meas/sim (ms) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| p50 TTFT meas/sim (ms) | p50 TPOT meas/sim (ms) | p50 first gap / later gaps (ms) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         m, raw, cal = r["measured"], r["simulated"], r["simulated_calibrated"]
         print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {raw:.3f} ({100 * (raw - m):+.0f}) "
               f"| {cal:.3f} ({100 * (cal - m):+.0f}) | {1e3 * r['measured_p50_ttft_s']:.0f} / "
               f"{1e3 * r['simulated_p50_ttft_s']:.0f} | {1e3 * r['measured_p50_tpot_s']:.1f} / "
-              f"{1e3 * r['simulated_p50_tpot_s']:.1f} |")  # fmt: skip
+              f"{1e3 * r['simulated_p50_tpot_s']:.1f} | {1e3 * r['measured_p50_first_gap_s']:.0f} / "
+              f"{1e3 * r['measured_p50_later_gaps_s']:.1f} |")  # fmt: skip
     for name, s in summary.items():
         measured = s["measured_goodput_per_s"]
         shown = (
@@ -302,6 +353,10 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
         print(f"{name}: {s['placement']} predicted {s['predicted_goodput_per_s']:.2f} req/s, "
               f"measured {shown} req/s ({s['measured_note']}); live overhead per step: prefill "
               f"{cal['prefill_overhead_ms']:.1f} ms, decode {cal['decode_overhead_ms']:.1f} ms")  # fmt: skip
+        sweep = s["rank_cpu"]["sweep"] or {}
+        if sweep:
+            shares = ", ".join(f"{k} {v['cpu_share']:.2f}" for k, v in sweep.items())
+            print(f"  cpu share the ranks got during the sweep (ran / runnable): {shares}")
 
 
 if __name__ == "__main__":
