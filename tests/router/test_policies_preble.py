@@ -294,3 +294,37 @@ def test_state_leaves_with_the_window() -> None:
     policy.choose_prefill(req("r2", [5]), [A], 20.0)  # r1's charge expires
     assert 1 not in policy.load and policy.load.share("a") == 1.0
     policy.check_consistency()
+
+
+# ---- replication by sustained load (adaptation h) --------------------------------------------
+
+
+def _steady_hits(policy: PreblePolicy, gap_s: float, count: int) -> None:
+    """A prefix [1, 2] hit every ``gap_s`` seconds, each request prefilled before the next:
+    the holder never has more than the request just sent queued (1 s of suffix)."""
+    for i in range(count):
+        t = i * gap_s
+        policy.choose_prefill(req(f"r{i}", [1, 2, 100 + i]), [A, B], t)
+        policy.on_prefill_done(f"r{i}", t, ttft_s=None)
+        policy.on_finished(f"r{i}", t)
+
+
+def test_a_holder_busy_without_a_backlog_gets_a_copy() -> None:
+    policy = preble(load_horizon_s=3.0)
+    _steady_hits(policy, gap_s=1.0, count=3)
+    # r1 (t = 1): node [1, 2] is hot, C = 3 + 1 over 1 s of history (counted as the 3 s horizon);
+    # a's load is its 1 s queue + 4 s of window work less its own 2 s computation of [1, 2],
+    # 3 >= 1.5 × (b's 0 + the 2 s copy); the queue alone (1 s) is not, and W over the whole
+    # 180 s window adds only 4 / 60 s
+    assert policy.num_queue_replications == 1
+    assert set(policy.index.holders(1)) == {"a", "b"}
+    policy.check_consistency()
+
+
+def test_a_prefix_hit_at_a_low_rate_is_not_copied() -> None:
+    policy = preble(load_horizon_s=3.0)
+    _steady_hits(policy, gap_s=20.0, count=6)
+    # the same hits 20 s apart: a's window work is 3 + 5 over 100 s, 0.24 s per 3 s horizon
+    # (0.18 s without its own computation of [1, 2]), plus the 1 s queue: < 1.5 × 2
+    assert policy.num_queue_replications == 0
+    assert set(policy.index.holders(1)) == {"a"}

@@ -10,7 +10,7 @@ Owns the E2 rule and our adaptations of it (listed below). It does not own the i
    ``explore_hit_ratio`` set, the released code's detail: if some instance's windowed prefix hit
    ratio is >= it, the lowest load cost among those.)
 4. Record the assignment on every block of the path (dispatch time) and charge the load.
-5. **Replicate** the request's node if all its holders are congested (adaptation c).
+5. **Replicate** the request's node if all its holders are congested (adaptations c, h).
 6. **Rebalance** (after the warm-up): move or replicate hot nodes away from the busiest instances.
 
 *Nodes over block hashes.* The hashes form a trie (one block per node, see ``PrefixIndex``); the
@@ -60,11 +60,12 @@ b. *The window cost is read as a rate.* Preble adds the window's total (minutes 
    ``load_horizon_s = window_s`` is the literal formula.
 c. *Replication is also triggered by the holders' queues, not only by the TTFT window* (which
    needs a window of history and reacts after the queue has built). After each dispatch, for
-   the request's deepest important node v, if v is hot and every holder's pending prefill is >=
-   ``rebalance_ratio`` × what the lightest non-holder's would be with v copied there (its pending
-   prefill + the time to prefill v's path), v is replicated to it: Preble's 1.5× rule applied to
-   queues, counting the copy. The test runs again after later dispatches, so a very hot prefix
-   gains as many replicas as its load needs, one at a time, warm-up or not.
+   the request's deepest important node v, if v is hot and every holder's load is >=
+   ``rebalance_ratio`` × what the lightest non-holder's would be with v copied there (its load
+   + the time to prefill v's path), v is replicated to it: Preble's 1.5× rule applied to queues
+   and window work (adaptation h), counting the copy. The test runs again after later
+   dispatches, so a very hot prefix gains as many replicas as its load needs, one at a time,
+   warm-up or not.
 d. *Moves pay for their copy and need a queue to relieve.* A move must not overshoot even after
    the lightest recomputes the node (``busiest − c >= lightest + c + copy``), and the busiest's
    pending prefill must pass adaptation c's test against the lightest's; moves that only evened
@@ -79,6 +80,20 @@ f. The single-hot-node case is read per busiest instance (a public reimplementat
    prefix-heavy workload every instance soon passes 0.7, which turns explore into least-load.
 g. The warm-up is ALGORITHMS.md's 50 requests per instance, and gates rebalancing only: the hot
    prefix's first holder is no longer stuck alone during it, since adaptation c replicates it.
+h. *Replication compares sustained loads, with W read over the history the window holds.*
+   Adaptation c's test compares prefill loads, not queues alone: every holder's ``pending
+   prefill + load_horizon_s × W / history`` must be >= ``rebalance_ratio`` × the lightest
+   non-holder's plus the copy, where ``history = min(window_s, now − oldest charge)``, at least
+   the horizon (``sustained_scale``); a holder's load leaves out (scaled the same way) its
+   one-off computation of v's path, which no copy relieves. A queue alone misses a holder that
+   is busy without a backlog: in programming at 64 instances the hottest prefixes stayed on 2–3
+   holders each (cache_aware spread them over 5–16) and their hits took ~30% longer once warm;
+   W over the full 180 s window, while the window holds 12 s of history, understated their
+   rate 15×. Counting the destination's window work also keeps the cold start, when every
+   instance is computing first misses, from copying prefixes onto instances just as busy
+   (tool_use at 4 instances: 36–46 copies per run before, 0–3 after). The routing cost keeps
+   b's scale: there, a rate over a short history is dominated by one-off first misses, and
+   using it made tool_use at 4 instances worse (avg TTFT 0.12 → 0.17 s).
 """
 
 from __future__ import annotations
@@ -162,6 +177,15 @@ class PreblePolicy(PrefixAwarePolicy):
             if inst.role == "colocated":
                 costs[p] += self.in_flight.output_tokens(inst.instance_id) * self._tpot(inst)
         return costs
+
+    def sustained_scale(self, now_s: float) -> float:
+        """The factor that turns W into the work it implies over the next ``load_horizon_s``
+        when W is read over the history the window actually holds (adaptation h): W covers
+        ``min(window_s, now − oldest charge)`` seconds, not ``window_s``, while the window is
+        filling; a history shorter than the horizon counts as the horizon."""
+        if self.load_horizon_s == 0.0:
+            return 0.0
+        return self.load_horizon_s / max(self.load.history_s(now_s), self.load_horizon_s)
 
     def eviction_cost(
         self, inst: InstanceLoad, req: RouteRequest, num_cached_blocks: int, now_s: float
@@ -321,20 +345,41 @@ class PreblePolicy(PrefixAwarePolicy):
     def _replicate_if_queued(
         self, node: int, instances: Sequence[InstanceLoad], ids: list[str], now_s: float
     ) -> None:
+        """Adaptations c and h: copy hot ``node`` to the lightest non-holder when every
+        holder's sustained prefill load is >= the rebalance ratio × that instance's with the
+        copy."""
         v = self.load.node(node)
         if v is None or not v.is_hot:
             return
-        queue = self.in_flight.pending_prefill_s
-        listed = set(ids)
-        best_queue_s = min((queue(iid) for iid in v.holders if iid in listed), default=None)
-        # any copy recomputes at least the node's own blocks: skip the scan when even that
-        # is more than the best holder's queue
-        min_copy_s = self.prefill_time((v.end - v.start) * v.block_size, 0)
-        if best_queue_s is None or best_queue_s < self.rebalance_ratio * min_copy_s:
+        holders = v.holders
+        if not any(iid in holders for iid in ids):
             return
-        light = self._lightest(instances, ids, exclude=v.holders)
-        if light is not None and self._relieves(best_queue_s, light.instance_id, node):
-            self._claim_copy(node, light.instance_id, now_s)
+        # prefill work only, as a copy moves prefill work (colocated decode stays where it is)
+        scale = self.sustained_scale(now_s)
+        queues = self.in_flight.pending(ids)
+        loads = [q + scale * w for q, w in zip(queues, self.load.shares(ids), strict=True)]
+        # a holder's window holds its one-off computation of v's path, which no copy relieves
+        one_off_s = scale * self.prefill_time(v.end * v.block_size, 0)
+        best_s = min(
+            max(q, c - one_off_s)
+            for q, c, iid in zip(queues, loads, ids, strict=True)
+            if iid in holders
+        )
+        # any copy recomputes at least the node's own blocks: skip the scan when even that
+        # is more than the best holder's load
+        min_copy_s = self.prefill_time((v.end - v.start) * v.block_size, 0)
+        if best_s <= 0 or best_s < self.rebalance_ratio * min_copy_s:
+            return
+        light = min(
+            (p for p, iid in enumerate(ids) if iid not in holders),
+            key=loads.__getitem__,
+            default=None,
+        )
+        if light is None:
+            return
+        dst = ids[light]
+        if best_s >= self.rebalance_ratio * (loads[light] + self._copy_s(node, dst)):
+            self._claim_copy(node, dst, now_s)
             self.num_queue_replications += 1
 
     def _relieves(self, queue_s: float, dst: str, node: int) -> bool:

@@ -236,6 +236,13 @@ class WindowedLoad:
         sums = self._hit_sums.get(instance_id)
         return sums[0] / sums[1] if sums and sums[1] > 0 else None
 
+    def history_s(self, now_s: float) -> float:
+        """Seconds of history the window holds at ``now_s``: from its oldest charge, at most
+        ``window_s`` (0 with no charges)."""
+        if not self._charges:
+            return 0.0
+        return min(self.window_s, max(0.0, now_s - self._charges[0][0]))
+
     def __len__(self) -> int:
         return len(self._nodes)
 
