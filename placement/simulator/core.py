@@ -97,7 +97,7 @@ class _Sim:
         arrivals = sorted(requests, key=lambda r: r.w.arrival_s)
         times = [r.w.arrival_s for r in arrivals]
         times.append(math.inf)
-        events, pop = self.events, heapq.heappop
+        events, pop, push = self.events, heapq.heappop, heapq.heappush
         arrive, step_done, transfer_done, kick = (
             self.arrive,
             self.step_done,
@@ -113,7 +113,12 @@ class _Sim:
                 continue
             now, kind, _, payload = pop(events)
             if kind == _STEP_DONE:
-                step_done(payload[0], payload[1], now)
+                inst = payload[0]
+                if inst.role == "decode" and inst.continue_decoding(payload[1]):
+                    self.seq += 1  # what step_done → kick would push, in the same order
+                    push(events, (now + payload[1].latency_s, _STEP_DONE, self.seq, payload))
+                else:
+                    step_done(inst, payload[1], now)
             elif kind == _TRANSFER_DONE:
                 transfer_done(payload, now)
             else:

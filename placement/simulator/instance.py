@@ -185,18 +185,33 @@ class SimInstance:
             plan.stage_s = lat.prefill_stage_ms(work_ms) / 1000
             plan.latency_s = lat.prefill_batch_latency_ms(work_ms) / 1000
         else:
-            batch = plan.decodes
-            if batch:
-                fit = self._decode_fit
-                if fit is not None:
-                    a, b, c = fit[1] if batch <= fit[0] else fit[2]
-                    work_ms += a + b * self.sum_ctx + c * batch
-                else:
-                    work_ms += lat.decode_step_latency_ms(batch, self.sum_ctx)
-            else:
-                work_ms += lat.prefill[0]
+            work_ms += self._decode_ms(plan.decodes) if plan.decodes else lat.prefill[0]
             plan.stage_s = plan.latency_s = work_ms / 1000
         self.busy_s += plan.stage_s
+
+    def _decode_ms(self, batch: int) -> float:
+        fit = self._decode_fit
+        if fit is None:
+            return self.latency.decode_step_latency_ms(batch, self.sum_ctx)
+        a, b, c = fit[1] if batch <= fit[0] else fit[2]
+        return a + b * self.sum_ctx + c * batch
+
+    def continue_decoding(self, plan: StepPlan) -> bool:
+        """Decode instance, at the end of ``plan``'s step: when no request finishes with it and
+        none waits to join, apply the step and start the next one in ``plan`` (True); the same
+        state as ``finish_step`` then ``try_start_step``, without building new lists.
+        Otherwise change nothing (False)."""
+        decoding = self._decoding
+        steps = self.num_steps + 1
+        if self.joining or decoding[0][0] <= steps:
+            return False
+        self.num_steps = steps
+        self.sum_ctx += plan.decodes  # == len(decoding): nothing joined or left
+        self.recent_tpot_s = plan.latency_s
+        plan.stage_s = plan.latency_s = self._decode_ms(plan.decodes) / 1000
+        self.busy_s += plan.stage_s
+        self._snapshot = None
+        return True
 
     def finish_step(self, plan: StepPlan) -> tuple[list[SimRequest], list[SimRequest]]:
         """Apply a finished batch: returns (prompts that got their first token, finished)."""

@@ -177,3 +177,18 @@ def test_skipping_the_cache_when_no_block_is_shared_changes_nothing() -> None:
     cached = simulate(spec, reqs, "least_load", trace=[])
     assert fast.records == cached.records and fast.end_s == cached.end_s
     assert fast.busy_s == cached.busy_s and fast.rejected == cached.rejected
+
+
+def test_the_decode_fast_path_gives_the_same_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``continue_decoding`` (a decode step with no finish and no join, applied in place) must
+    leave every record, busy time and the end time exactly as the general step path does."""
+    from placement.simulator.instance import SimInstance
+    from placement.workload import parse_workload
+
+    reqs = parse_workload("sharegpt-like", 300, 0, 1.0, 2048).at_rate(8.0)
+    spec = ClusterSpec.disaggregated(2, 3, decode=InstanceSpec("decode", kv_capacity_tokens=20000))
+    fast = simulate(spec, reqs, "least_load")
+    monkeypatch.setattr(SimInstance, "continue_decoding", lambda self, plan: False)
+    slow = simulate(spec, reqs, "least_load")
+    assert fast.records == slow.records and fast.end_s == slow.end_s
+    assert fast.busy_s == slow.busy_s
