@@ -39,6 +39,61 @@ from distserve.router.types import (
 
 logger = logging.getLogger(__name__)
 
+# Text the fast-path codec must encode and decode exactly as the tokenizer does before it is used.
+_CODEC_PROBES = (
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, tabs\tand\nnew lines  ",
+    "caf\u00e9 na\u00efve \u00fcber \u4f60\u597d \U0001f600 \u2014 1234567890",
+)
+
+
+class _Codec:
+    """The router's tokenizer calls, made on a fast tokenizer's Rust backend where that is exact.
+
+    A Hugging Face tokenizer's ``encode``/``decode`` wrap the Rust ``tokenizers`` backend in
+    per-call argument handling (``BatchEncoding``, truncation and padding set-up, length checks)
+    that costs more than tokenizing a short prompt, twice per request on the request path. For
+    the calls the router makes (plain text to ids without special tokens; ids to text without
+    clean-up of spaces) the wrapper adds nothing, so they go to the backend directly. The
+    tokenizer is still called where that is not certain (no backend, clean-up of spaces on) and
+    probes at start-up must give identical results both ways, or every call goes to the tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            self._backend = backend
+            if not self._agrees():
+                logger.info("tokenizer backend differs from the tokenizer; not using it")
+                self._backend = None
+
+    def _agrees(self) -> bool:
+        special = list(getattr(self.tokenizer, "all_special_tokens", ()))
+        for text in (*_CODEC_PROBES, " ".join([*special, *_CODEC_PROBES[:1]])):
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if self.encode(text) != list(ids):
+                return False
+            for skip in (False, True):
+                for part in (ids, ids[:3], ids[-2:]):
+                    expect = self.tokenizer.decode(part, skip_special_tokens=skip)
+                    if self.decode(part, skip_special_tokens=skip) != expect:
+                        return False
+        return True
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (``tokenizer.encode(text, False)``)."""
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        """What ``tokenizer.decode(ids, skip_special_tokens=...)`` returns."""
+        if self._backend is not None:
+            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
 
 class RouterCore:
     def __init__(
@@ -56,6 +111,7 @@ class RouterCore:
     ) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
+        self._codec = _Codec(tokenizer)
         self.vocab_size = vocab_size
         self._max_model_len = max_model_len
         self.registry = registry
@@ -79,7 +135,7 @@ class RouterCore:
         if (request.prompt_text is None) == (request.prompt_token_ids is None):
             raise InvalidRequestError("give exactly one of a text prompt or prompt token ids")
         if request.prompt_text is not None:
-            ids = self.tokenizer.encode(request.prompt_text, add_special_tokens=False)
+            ids = self._codec.encode(request.prompt_text)
         else:
             ids = list(request.prompt_token_ids or ())
             bad = next(
@@ -141,7 +197,7 @@ class RouterCore:
             sampling=sampling_to_proto(params),
         )
         detok = IncrementalDetokenizer(
-            self.tokenizer,
+            self._codec,
             params.stop,
             params.include_stop_str_in_output,
             params.skip_special_tokens,

@@ -93,6 +93,7 @@ class _RequestLatency:
             f"{prefix}_cached_prompt_tokens", "Prompt tokens served from a prefix cache."
         )
         self.generation_tokens = reg.counter(f"{prefix}_generation_tokens", "Output tokens.")
+        self._finished_by_reason: dict[str, Counter] = {}  # labelled children, made once each
 
     def observe(
         self,
@@ -110,7 +111,12 @@ class _RequestLatency:
         for gap_s in itl_s_list:
             self.itl.observe(gap_s)
         self.e2e.observe(e2e_s)
-        self.finished.labels(finish_reason=finish_reason).inc()
+        finished = self._finished_by_reason.get(finish_reason)
+        if finished is None:
+            finished = self._finished_by_reason[finish_reason] = self.finished.labels(
+                finish_reason=finish_reason
+            )
+        finished.inc()
         num_prompt, num_completion, num_cached = tokens
         self.prompt_tokens.inc(num_prompt)
         self.generation_tokens.inc(num_completion)
@@ -151,6 +157,7 @@ class RouterMetrics(_Registry):
             "Routing decisions by policy and chosen instance.",
             ["policy", "instance_id"],
         )
+        self._routes: dict[tuple[str, str], Counter] = {}  # labelled children, made once each
         self.transfer_bytes = self.counter("distserve_kv_transfer_bytes", "KV bytes moved.")
         self.transfer_seconds = self.counter("distserve_kv_transfer_seconds", "Time moving KV.")
         self.http_requests = self.counter(
@@ -207,7 +214,12 @@ class RouterMetrics(_Registry):
         self.transfer_seconds.inc(seconds)
 
     def count_route(self, policy: str, instance: str) -> None:
-        self.routes.labels(policy=policy, instance_id=instance).inc()
+        route = self._routes.get((policy, instance))
+        if route is None:
+            route = self._routes[policy, instance] = self.routes.labels(
+                policy=policy, instance_id=instance
+            )
+        route.inc()
 
     def count_http_request(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -33,6 +33,7 @@ class InstanceRecord:
     stub: instance_pb2_grpc.InstanceStub
     stats: instance_pb2.InstanceStats = field(default_factory=instance_pb2.InstanceStats)
     last_seen_s: float = field(default_factory=time.monotonic)
+    _load: InstanceLoad | None = field(default=None, repr=False)  # load() of ``stats``
 
     @property
     def instance_id(self) -> str:
@@ -42,7 +43,20 @@ class InstanceRecord:
     def role(self) -> str:
         return self.descriptor.role
 
+    def update(self, stats: instance_pb2.InstanceStats) -> None:
+        """A heartbeat arrived with these stats."""
+        self.stats = stats
+        self.last_seen_s = time.monotonic()
+        self._load = None
+
     def load(self) -> InstanceLoad:
+        """The policies' snapshot of the last reported stats (made once per report: routing
+        asks for it on every request, instances report a few times a second)."""
+        if self._load is None:
+            self._load = self._make_load()
+        return self._load
+
+    def _make_load(self) -> InstanceLoad:
         s = self.stats
         return InstanceLoad(
             instance_id=self.instance_id,
@@ -72,6 +86,7 @@ class InstanceRegistry:
         self.policy = policy
         self.instance_timeout_s = instance_timeout_s
         self.instances: dict[str, InstanceRecord] = {}
+        self._by_role: dict[str, list[InstanceRecord]] = {}  # rebuilt when instances change
         self._layout: instance_pb2.KVLayout | None = None  # set by the first registration
         self._world_id: str | None = None
         self._on_change = on_change
@@ -80,7 +95,8 @@ class InstanceRegistry:
 
     # ---- queries -------------------------------------------------------------------------
     def by_role(self, role: str) -> list[InstanceRecord]:
-        return [r for r in self.instances.values() if r.role == role]
+        """The registered instances of ``role``, in registration order (a list to read only)."""
+        return self._by_role.get(role, [])
 
     @property
     def layout(self) -> instance_pb2.KVLayout | None:
@@ -137,8 +153,7 @@ class InstanceRegistry:
         record = self.instances.get(stats.instance_id)
         if record is None:
             return False
-        record.stats = stats
-        record.last_seen_s = time.monotonic()
+        record.update(stats)
         if self.metrics is not None:
             usage = (
                 1 - stats.num_free_blocks / stats.num_total_blocks
@@ -185,6 +200,7 @@ class InstanceRegistry:
         for record in self.instances.values():
             await record.channel.close()
         self.instances.clear()
+        self._by_role = {}
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         task = asyncio.ensure_future(channel.close())
@@ -192,6 +208,10 @@ class InstanceRegistry:
         task.add_done_callback(self._closing.discard)
 
     def _notify(self) -> None:
+        by_role: dict[str, list[InstanceRecord]] = {}
+        for record in self.instances.values():
+            by_role.setdefault(record.role, []).append(record)
+        self._by_role = by_role
         self.changed.set()
         if self._on_change is not None:
             self._on_change()

@@ -109,3 +109,22 @@ def test_text_prompt_through_colocated_instance(tiny_llama):
         assert "".join(m.text for m in msgs)  # detokenized by the router
 
     asyncio.run(_serve(tiny_llama, "round_robin", 0, 0, 1, body))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_router_codec_is_the_tokenizer(tiny_models, arch):
+    """The router's fast tokenizer path (taken for the throughput target) changes no result."""
+    from transformers import AutoTokenizer
+
+    from distserve.router.core import _Codec
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models(arch))
+    codec = _Codec(tokenizer)
+    assert codec._backend is not None  # these tokenizers take the fast path
+    texts = ["Hi there!", " two  spaces\n", "\u00e9\u00e8 \u4e2d\u6587 \U0001f600", "<|im_end|> x"]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert codec.encode(text) == ids
+        for skip in (False, True):
+            for part in (ids, ids[1:], ids[:1]):
+                assert codec.decode(part, skip) == tokenizer.decode(part, skip_special_tokens=skip)
