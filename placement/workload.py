@@ -238,6 +238,8 @@ def _trace_workload(name: str, trace: list[WorkloadRequest], max_model_len: int 
 def _retimed(r: WorkloadRequest, arrival_s: float) -> WorkloadRequest:
     """``r`` at another time. The chained block hashes are carried over (WorkloadRequest memoises
     them in its ``__dict__``); recomputing them for every simulation was a tenth of its cost."""
-    out = replace(r, arrival_s=arrival_s)
-    out.__dict__["_chained_hashes"] = r.chained_hashes()
+    r.chained_hashes()  # memoised into r.__dict__, copied below
+    out = object.__new__(WorkloadRequest)  # a frozen dataclass: copy its fields, skip validation
+    out.__dict__.update(r.__dict__)
+    out.__dict__["arrival_s"] = arrival_s
     return out

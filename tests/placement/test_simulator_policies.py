@@ -51,3 +51,35 @@ def test_one_decision_by_hand() -> None:
     # the later requests follow the first one's prefix to the instance holding it
     assert chosen[reqs[1].request_id] == chosen[reqs[2].request_id] == chosen[reqs[0].request_id]
     assert len(later) == 2
+
+
+def test_choose_decode_matches_the_reference_rule() -> None:
+    """Most free tokens after what was sent (free blocks, capacity − outstanding), then fewest
+    outstanding requests, ties to the earliest instance: the one-pass loop against ``min``."""
+    import random
+
+    from distserve.router.policies import InstanceLoad, RouteRequest
+
+    rng = random.Random(0)
+    policy = make_policy("least_load")
+    for i in range(400):
+        loads = [
+            InstanceLoad(
+                f"d{k}", "decode", free_kv_blocks=rng.choice([0, 5, 10]), total_kv_blocks=10
+            )
+            for k in range(rng.randint(1, 6))
+        ]
+        req = RouteRequest(f"r{i}", "c", rng.choice([16, 32]), (), 16, rng.choice([1, 16]), 0.0)
+        policy.choose_prefill(req, [InstanceLoad("p0", "prefill")], 0.0)
+
+        def key(inst: InstanceLoad) -> tuple[int, int]:
+            free = min(
+                inst.free_kv_blocks * 16,
+                inst.total_kv_blocks * 16 - policy.outstanding_decode_tokens(inst.instance_id),
+            )
+            return (-free, policy.outstanding_decode_requests(inst.instance_id))
+
+        expected = min(loads, key=key).instance_id
+        assert policy.choose_decode(req, loads, 0.0) == expected
+        if rng.random() < 0.5:
+            policy.on_finished(req.request_id, 0.0)

@@ -130,15 +130,20 @@ class RoutingPolicy(ABC):
         if req.request_id not in self._dispatches:
             raise ValueError(f"request {req.request_id} has no prefill dispatch")
 
-        def key(inst: InstanceLoad) -> tuple[int, int]:
-            capacity = inst.total_kv_blocks * req.block_size
-            free = min(
-                inst.free_kv_blocks * req.block_size,
-                capacity - self.outstanding_decode_tokens(inst.instance_id),
-            )
-            return (-free, self.outstanding_decode_requests(inst.instance_id))
-
-        chosen = min(instances, key=key).instance_id
+        # one pass, no key tuples (this runs once per request): the first instance with the
+        # most free tokens, then the fewest outstanding requests
+        bs, tokens, requests = req.block_size, self._decode_tokens, self._decode_requests
+        chosen: str | None = None
+        best_free = best_reqs = 0
+        for inst in instances:
+            iid = inst.instance_id
+            free = min(inst.free_kv_blocks * bs, inst.total_kv_blocks * bs - tokens.get(iid, 0))
+            if chosen is not None and free < best_free:
+                continue
+            n = requests.get(iid, 0)
+            if chosen is None or free > best_free or n < best_reqs:
+                chosen, best_free, best_reqs = iid, free, n
+        assert chosen is not None
         self._assign_decode(
             req.request_id, chosen, req.num_prompt_tokens + req.expected_output_tokens
         )
