@@ -328,3 +328,25 @@ def test_a_prefix_hit_at_a_low_rate_is_not_copied() -> None:
     # (0.18 s without its own computation of [1, 2]), plus the 1 s queue: < 1.5 × 2
     assert policy.num_queue_replications == 0
     assert set(policy.index.holders(1)) == {"a"}
+
+
+# ---- a copy pays for what it evicts (adaptation i) -------------------------------------------
+
+
+def test_a_copy_pays_for_the_hot_node_it_would_evict() -> None:
+    policy = preble(load_horizon_s=0.0)
+    a, b = inst("a", free=100, total=104), inst("b", free=2, total=2)
+    for rid in ("k1", "k2"):  # b's whole cache: node [50, 51], hot
+        policy.choose_prefill(req(rid, [50, 51]), [b], 0.0)
+    done(policy, "k1", "k2")
+    policy.choose_prefill(req("r0", [1, 2, 100]), [a], 0.0)
+    done(policy, "r0")
+    # b reports 2 free blocks, but both hold [50, 51]: copying [1, 2] there costs its 2 s and
+    # the 2 s of recomputing [50, 51], so the trigger is a queue >= 1.5 × 4 s, not 1.5 × 2 s
+    for i in range(1, 6):
+        assert policy.choose_prefill(req(f"r{i}", [1, 2, 100 + i]), [a, b], 0.0) == "a"
+    assert policy.num_queue_replications == 0  # a's queue: 5 s
+    assert policy.choose_prefill(req("r6", [1, 2, 106]), [a, b], 0.0) == "a"
+    assert policy.num_queue_replications == 1  # 6 s
+    assert set(policy.index.holders(1)) == {"a", "b"}
+    policy.check_consistency()

@@ -94,6 +94,16 @@ h. *Replication compares sustained loads, with W read over the history the windo
    (tool_use at 4 instances: 36–46 copies per run before, 0–3 after). The routing cost keeps
    b's scale: there, a rate over a short history is dominated by one-off first misses, and
    using it made tool_use at 4 instances worse (avg TTFT 0.12 → 0.17 s).
+i. *A copy pays for what it evicts.* A replica or move costs, besides computing the path on
+   the destination, the recomputation of the hot nodes its blocks push out there (LRU blocks
+   the index holds beyond the destination's empty blocks; each evicted hot node's prefill time
+   once, shared by its holders). The empty blocks are ``total − indexed``, at most the reported
+   free count: ``free_kv_blocks`` includes evictable cached blocks, so it cannot say what a
+   copy evicts (explore's eviction cost still reads it, and so was non-zero in 4 of 844
+   explores in long_doc_qa at 4 instances, 0 of 150 in tool_use). In long_doc_qa at 4
+   instances (KV for ~2.8 documents each) copies of 21k-token documents displaced other hot
+   documents: 161 copies, hit rate 0.42 and p99 TTFT 32 s vs cache_aware's 0.48 and 29 s; with
+   this, 87 copies, 0.45 and 23 s.
 """
 
 from __future__ import annotations
@@ -377,27 +387,54 @@ class PreblePolicy(PrefixAwarePolicy):
         )
         if light is None:
             return
-        dst = ids[light]
+        dst = instances[light]
         if best_s >= self.rebalance_ratio * (loads[light] + self._copy_s(node, dst)):
-            self._claim_copy(node, dst, now_s)
+            self._claim_copy(node, dst.instance_id, now_s)
             self.num_queue_replications += 1
 
-    def _relieves(self, queue_s: float, dst: str, node: int) -> bool:
+    def _relieves(self, queue_s: float, dst: InstanceLoad, node: int) -> bool:
         """Whether a queue of ``queue_s`` is worth copying ``node`` to ``dst`` for: >= the
-        rebalance ratio × what ``dst``'s queue would be with the copy (the time to prefill the
-        node's path there)."""
-        dst_queue_s = self.in_flight.pending_prefill_s(dst)
+        rebalance ratio × what ``dst``'s queue would be with the copy (``_copy_s``)."""
+        dst_queue_s = self.in_flight.pending_prefill_s(dst.instance_id)
         return queue_s > 0 and queue_s >= self.rebalance_ratio * (
             dst_queue_s + self._copy_s(node, dst)
         )
 
-    def _copy_s(self, node: int, dst: str) -> float:
-        """Prefill time of ``node``'s path on ``dst``, after what ``dst`` already holds."""
+    def _copy_s(self, node: int, dst: InstanceLoad) -> float:
+        """What copying ``node``'s path to ``dst`` costs: its prefill time after what ``dst``
+        already holds, plus the recomputation of the hot nodes it pushes out (adaptation i)."""
         v = self.load.node(node)
         assert v is not None
         path = v.path[: v.end]
-        cached = self.index.num_cached(dst, path)
-        return self.prefill_time((len(path) - cached) * v.block_size, cached * v.block_size)
+        cached = self.index.num_cached(dst.instance_id, path)
+        copy_s = self.prefill_time((len(path) - cached) * v.block_size, cached * v.block_size)
+        return copy_s + self._copy_eviction_s(dst, path, len(path) - cached)
+
+    def _copy_eviction_s(self, dst: InstanceLoad, path: Sequence[int], need: int) -> float:
+        """Adaptation i: the recomputation a copy of ``need`` blocks of ``path`` causes on
+        ``dst``: walk the LRU blocks the index holds there beyond its empty blocks (``total −
+        indexed``, at most the instance's free count: that count includes evictable cached
+        blocks, so it cannot tell what a copy evicts), and add the prefill time of each hot
+        node evicted, shared by its holders (once: it is cached again by its next request)."""
+        iid, total = dst.instance_id, dst.total_kv_blocks
+        if total == 0:
+            return 0.0
+        empty = min(dst.free_kv_blocks, total - self.index.num_blocks(iid))
+        if need <= empty:
+            return 0.0
+        to_evict, evicted, cost_s = need - empty, 0, 0.0
+        on_path = set(path)
+        for h in self.index.lru_blocks(iid):
+            if h in on_path:
+                continue
+            w = self.load.node(h)
+            if w is not None and w.is_hot:
+                w_s = self.prefill_time((w.end - w.start) * w.block_size, w.start * w.block_size)
+                cost_s += w_s / max(1, len(w.holders))
+            evicted += 1
+            if evicted >= to_evict:
+                break
+        return cost_s
 
     def _claim_copy(self, node: int, dst: str, now_s: float) -> None:
         v = self.load.node(node)
@@ -419,7 +456,8 @@ class PreblePolicy(PrefixAwarePolicy):
         ratio = self.rebalance_ratio
         if max(loads) <= 0 or max(loads) < ratio * min(loads):
             return  # the common case, in one pass
-        light = ids[loads.index(min(loads))]
+        light_pos = loads.index(min(loads))
+        light, light_inst = ids[light_pos], instances[light_pos]
         threshold = ratio * min(loads)
         heavy_first = sorted(
             (p for p, load in enumerate(loads) if load >= threshold and ids[p] != light),
@@ -438,10 +476,10 @@ class PreblePolicy(PrefixAwarePolicy):
             if queue(heavy) <= 0 or queue(heavy) < ratio * light_queue:
                 continue  # no move can pass adaptation d's queue test: skip the sort
             for cost, node in sorted(self.load.hot_nodes(heavy)):  # cheapest first (adapt. d)
-                copy_s = self._copy_s(node, light)
+                copy_s = self._copy_s(node, light_inst)
                 if hot(heavy) - cost < hot(light) + cost + copy_s:
                     break
-                if not self._relieves(queue(heavy), light, node):
+                if not self._relieves(queue(heavy), light_inst, node):
                     break
                 self._move(node, heavy, light, now_s)
                 if hot(heavy) < ratio * hot(light):
