@@ -62,9 +62,12 @@ def round_robin_prefill_s(
     return total / len(reqs)
 
 
-def cluster_for(n: int, policy: str, lat: LatencyModel, kv_tokens: int, mode: str) -> ClusterSpec:
-    """``n`` colocated instances (Preble's data-parallel setting), or ``n`` prefill + ``n`` decode."""
-    order = ADMISSION.get(policy, "fcfs")
+def cluster_for(
+    n: int, policy: str, lat: LatencyModel, kv_tokens: int, mode: str, admission: str | None = None
+) -> ClusterSpec:
+    """``n`` colocated instances (Preble's data-parallel setting), or ``n`` prefill + ``n`` decode;
+    each policy's own admission order (``ADMISSION``) unless ``admission`` names one for all."""
+    order = admission or ADMISSION.get(policy, "fcfs")
     if mode == "colocated":
         spec = InstanceSpec(
             "colocated",
@@ -103,6 +106,7 @@ def run_routing(
     trace: str | None,
     mode: str,
     policies: list[str] = POLICIES,
+    admission: str | None = None,
 ) -> list[Row]:
     lat, kv = opt13b_a100(), 66144
     if name == "mooncake":  # prompts up to 191k tokens: OPT-13B at TP=4 (KV for 356k tokens)
@@ -119,7 +123,7 @@ def run_routing(
     for policy in policies:
         t0 = time.perf_counter()
         registry_name, options = VARIANTS.get(policy, (policy, {}))
-        spec = cluster_for(n, registry_name, lat, kv, mode)
+        spec = cluster_for(n, registry_name, lat, kv, mode, admission)
         result = simulate(spec, reqs, make_policy(registry_name, **options))
         rows.append(
             row_of(
@@ -129,6 +133,7 @@ def run_routing(
                 instances=n,
                 policy=policy,
                 rate_rps=round(rate, 2),
+                admission=admission or ADMISSION.get(registry_name, "fcfs"),
             )
         )
         rows[-1]["sim_s"] = round(time.perf_counter() - t0, 2)
@@ -327,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mode", choices=["disagg", "colocated"], default="disagg")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--admission",
+        help="one prefill admission order for every routing policy (e.g. fcfs), to compare "
+        "routing alone; default: each policy with its own (preble: preble, d2lpm: dlpm)",
+    )
+    ap.add_argument(
         "--parts",
         default="routing,fairness,decision",
         help="comma list of routing, fairness, decision",
@@ -372,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.trace,
                     args.mode,
                     policies,
+                    args.admission,
                 )
     if "fairness" in parts:
         for n in (2,) if args.quick else (2, 4):
