@@ -46,10 +46,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size != 1:
+        if self.pipeline_parallel_size < 1:
             raise ValueError(
-                f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported by the engine yet "
-                "(the planner models PP; instances run with pp=1)"
+                f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}"
             )
 
     @property

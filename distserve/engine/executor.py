@@ -1,12 +1,15 @@
 """How the driver runs a command on every rank of its instance.
 
-    UniprocExecutor   TP=1: the driver's own worker.
-    GroupExecutor     TP>1: broadcast each RankCommand to the instance's process group, run the
-                      driver's share, gather the ranks' transfer results when asked. The group is
-                      either made here by spawning ranks (offline ``LLM``, :func:`spawn_tp_group`)
-                      or given by the launcher (ranks started by torchrun).
+    UniprocExecutor   TP=PP=1: the driver's own worker.
+    GroupExecutor     TP·PP>1: broadcast each RankCommand to the instance's process group, run
+                      the driver's share, gather the ranks' transfer results when asked. The group
+                      is either made here by spawning ranks (offline ``LLM``,
+                      :func:`spawn_group`) or given by the launcher (ranks started by torchrun).
 
-Only the driver samples; every rank runs the model (TP all-reduces need them all).
+Only the driver samples; every rank runs the model (TP all-reduces need them all, pipeline
+stages pass activations along; see ``worker.py``). An instance's ranks are listed by
+``pp_rank * tp_size + tp_rank``; :func:`new_stage_groups` and :func:`rank_parallel_groups` turn
+that list into this rank's TP and pipeline handles.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import multiprocessing as mp
 import os
 import socket
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -27,9 +31,15 @@ from distserve.engine.worker import (
     WorkerSpec,
     broadcast_command,
     gather_results,
+    wait_ranks_ready,
     worker_loop,
 )
-from distserve.model.parallel import TensorParallelGroup
+from distserve.model.parallel import (
+    PipelineParallelGroup,
+    TensorParallelGroup,
+    instance_rank_layout,
+    pipeline_group_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +71,15 @@ class GroupExecutor(Executor):
         tp: TensorParallelGroup,
         src_global_rank: int,
         on_shutdown: object | None = None,
+        pp: PipelineParallelGroup | None = None,
+        group: dist.ProcessGroup | None = None,  # the instance's group; default: the TP group's
     ) -> None:
-        self.worker = Worker(spec, tp)
-        self._group = tp.group
+        self.worker = Worker(spec, tp, pp)
+        self._group = group if group is not None else tp.group
         self._src = src_global_rank
         self._on_shutdown = on_shutdown
         self._closed = False
+        wait_ranks_ready(self._src, self._group)
 
     def run(self, cmd: RankCommand) -> tuple[torch.Tensor | None, list[list]]:
         broadcast_command(cmd, self._src, self._group)
@@ -96,7 +109,43 @@ def dist_backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def _rank_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) -> None:
+def new_stage_groups(
+    instance_ranks: Sequence[int],
+    tp_size: int,
+    pp_size: int,
+    instance_group: dist.ProcessGroup | None,
+) -> list[dist.ProcessGroup | None]:
+    """The TP group of each pipeline stage of one instance (index = pp_rank).
+
+    ``dist.new_group`` is collective over the whole world: every rank must call this for every
+    instance, in the same order, whether or not it belongs to the instance. With PP=1 the stage's
+    TP group is the instance's group; with TP=1 there is none (no collective to run).
+    """
+    if tp_size == 1:
+        return [None] * pp_size
+    if pp_size == 1:
+        return [instance_group]
+    ranks = list(instance_ranks)
+    return [dist.new_group(ranks[s * tp_size : (s + 1) * tp_size]) for s in range(pp_size)]
+
+
+def rank_parallel_groups(
+    instance_ranks: Sequence[int],
+    tp_size: int,
+    pp_size: int,
+    global_rank: int,
+    instance_group: dist.ProcessGroup | None,
+    stage_groups: Sequence[dist.ProcessGroup | None],
+) -> tuple[TensorParallelGroup, PipelineParallelGroup]:
+    """``global_rank``'s TP handle (its stage's group) and pipeline handle (the instance's)."""
+    pp_rank, tp_rank = instance_rank_layout(instance_ranks, tp_size, pp_size, global_rank)
+    tp = TensorParallelGroup(tp_rank, tp_size, stage_groups[pp_rank])
+    pp = pipeline_group_for(instance_ranks, tp_size, pp_size, global_rank, instance_group)
+    return tp, pp
+
+
+def _rank_main(rank: int, tp_size: int, pp_size: int, init_method: str, spec: WorkerSpec) -> None:
+    world_size = tp_size * pp_size
     if spec.device.startswith("cuda"):
         spec = WorkerSpec(**{**spec.__dict__, "device": f"cuda:{rank}"})
     dist.init_process_group(
@@ -107,24 +156,30 @@ def _rank_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec) -
         timeout=timedelta(minutes=30),
     )
     try:
-        worker = Worker(spec, TensorParallelGroup(rank, world_size, dist.group.WORLD))
+        ranks = list(range(world_size))
+        stage_groups = new_stage_groups(ranks, tp_size, pp_size, dist.group.WORLD)
+        tp, pp = rank_parallel_groups(ranks, tp_size, pp_size, rank, dist.group.WORLD, stage_groups)
+        worker = Worker(spec, tp, pp)
         worker_loop(worker, src=0, group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
 
 
-def spawn_tp_group(spec: WorkerSpec, tp_size: int) -> GroupExecutor:
-    """Offline TP: spawn ranks 1..tp-1 in child processes, this process is rank 0 (the driver)."""
-    assert tp_size > 1
+def spawn_group(spec: WorkerSpec, tp_size: int, pp_size: int = 1) -> GroupExecutor:
+    """Offline TP/PP: spawn ranks 1..tp·pp-1 in child processes; this process is rank 0 (the
+    driver: stage 0, TP rank 0). Global rank = pp_rank * tp_size + tp_rank."""
+    world_size = tp_size * pp_size
+    assert world_size > 1
     if dist.is_initialized():
         raise RuntimeError(
-            "tensor_parallel_size > 1 offline needs a process without a torch.distributed world"
+            "tensor_parallel_size or pipeline_parallel_size > 1 offline needs a process without "
+            "a torch.distributed world"
         )
     init_method = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_rank_main, args=(r, tp_size, init_method, spec), daemon=True)
-        for r in range(1, tp_size)
+        ctx.Process(target=_rank_main, args=(r, tp_size, pp_size, init_method, spec), daemon=True)
+        for r in range(1, world_size)
     ]
     for p in procs:
         p.start()
@@ -143,17 +198,21 @@ def spawn_tp_group(spec: WorkerSpec, tp_size: int) -> GroupExecutor:
             dist_backend_for(spec.device),
             init_method=init_method,
             rank=0,
-            world_size=tp_size,
+            world_size=world_size,
             timeout=timedelta(minutes=30),
         )
-        return GroupExecutor(
-            spec, TensorParallelGroup(0, tp_size, dist.group.WORLD), 0, on_shutdown=stop
-        )
+        ranks = list(range(world_size))
+        stage_groups = new_stage_groups(ranks, tp_size, pp_size, dist.group.WORLD)
+        tp, pp = rank_parallel_groups(ranks, tp_size, pp_size, 0, dist.group.WORLD, stage_groups)
+        return GroupExecutor(spec, tp, 0, on_shutdown=stop, pp=pp, group=dist.group.WORLD)
     except BaseException:
         for p in procs:
             p.kill()
+            p.join(timeout=5)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         raise
 
 
-def cpu_threads_per_rank(tp_size: int) -> int:
-    return max(1, (os.cpu_count() or 1) // tp_size)
+def cpu_threads_per_rank(num_ranks: int) -> int:
+    return max(1, (os.cpu_count() or 1) // num_ranks)

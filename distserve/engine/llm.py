@@ -1,7 +1,8 @@
 """The offline API: ``LLM(model).generate(prompts, SamplingParams(...))``.
 
-An ``LLM`` is one colocated instance in this process (plus spawned ranks for TP > 1). It adds the
-user-facing parts the engine leaves out: tokenization, incremental detokenization, stop strings.
+An ``LLM`` is one colocated instance in this process (plus spawned ranks for TP·PP > 1: this
+process is stage 0's TP rank 0, the driver). It adds the user-facing parts the engine leaves
+out: tokenization, incremental detokenization, stop strings.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class LLM:
         dtype: str = "auto",
         device: str = "auto",
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_gib: float = 1.0,
@@ -68,7 +70,10 @@ class LLM:
                 gpu_memory_utilization=gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
             ),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            parallel=ParallelConfig(
+                tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+            ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs
             ),

@@ -23,7 +23,7 @@ from distserve.engine.executor import (
     Executor,
     UniprocExecutor,
     cpu_threads_per_rank,
-    spawn_tp_group,
+    spawn_group,
 )
 from distserve.engine.kv_manager import KVCacheManager
 from distserve.engine.request import Request, RequestStatus, TokenLogprobs
@@ -34,6 +34,7 @@ from distserve.engine.scheduler import Scheduler
 from distserve.engine.step_inputs import build_step_inputs
 from distserve.engine.worker import RankCommand, TransferOp, WorkerSpec
 from distserve.model.config import ModelConfig
+from distserve.model.parallel import check_pipeline_parallel_size, stage_layer_range
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class LLMEngine:
     """One instance's engine. ``role`` picks the scheduler: colocated, prefill or decode.
 
     ``executor`` may be given by a launcher whose ranks already exist (torchrun); by default the
-    engine builds its own (one process, or spawned TP ranks).
+    engine builds its own (one process, or spawned TP/PP ranks).
     """
 
     def __init__(
@@ -117,17 +118,20 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config)
         tp_size = config.parallel.tensor_parallel_size
+        pp_size = config.parallel.pipeline_parallel_size
+        check_pipeline_parallel_size(self.model_config.num_layers, pp_size)
+        world_size = tp_size * pp_size
         cache = config.cache
         self.kv_spec = self.model_config.kv_spec(cache.block_size, self.dtype)
-        num_blocks = cache.num_blocks or self._blocks_for_memory(tp_size)
+        num_blocks = cache.num_blocks or self._blocks_for_memory(tp_size, pp_size)
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
             num_blocks * cache.block_size,
         )
         num_threads = config.num_threads
-        if num_threads is None and self.device == "cpu" and tp_size > 1:
-            num_threads = cpu_threads_per_rank(tp_size)
+        if num_threads is None and self.device == "cpu" and world_size > 1:
+            num_threads = cpu_threads_per_rank(world_size)
         spec = WorkerSpec(
             model_path=str(config.model),
             dtype=self.dtype,
@@ -140,11 +144,13 @@ class LLMEngine:
         self.worker_spec = spec
         if callable(executor_factory):
             self.executor: Executor = executor_factory(spec)
-        elif tp_size > 1:
-            self.executor = spawn_tp_group(spec, tp_size)
+        elif world_size > 1:
+            self.executor = spawn_group(spec, tp_size, pp_size)
         else:
             self.executor = UniprocExecutor(spec)
         self.tp_size = tp_size
+        self.pp_size = pp_size
+        self.world_size = world_size  # ranks of this instance
         self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler: Scheduler = SCHEDULERS[role](config.scheduler, self.kv)
@@ -159,24 +165,29 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         logger.info(
-            "engine ready: %s on %s (%s), TP=%d, %d KV blocks of %d tokens, max_model_len=%d",
+            "engine ready: %s on %s (%s), TP=%d, PP=%d, %d KV blocks of %d tokens, max_model_len=%d",
             config.model,
             self.device,
             self.dtype,
             tp_size,
+            pp_size,
             num_blocks,
             cache.block_size,
             self.max_model_len,
         )
 
-    def _blocks_for_memory(self, tp_size: int) -> int:
-        block_bytes = self.kv_spec.block_bytes(tp_size)
+    def _blocks_for_memory(self, tp_size: int, pp_size: int = 1) -> int:
+        # A rank holds its stage's layers only; the first stage has the most (remainder first).
+        start, end = stage_layer_range(self.kv_spec.num_layers, pp_size, 0)
+        block_bytes = self.kv_spec.block_bytes(tp_size) * (end - start) // self.kv_spec.num_layers
         if self.device == "cpu":
             budget = self.config.cache.cpu_memory_gib * 2**30
         else:
             free, _total = torch.cuda.mem_get_info(torch.device(self.device))
             weights = (
-                1.2 * _estimate_weight_bytes(self.model_config, self.kv_spec.dtype_bytes) / tp_size
+                1.2
+                * _estimate_weight_bytes(self.model_config, self.kv_spec.dtype_bytes)
+                / (tp_size * pp_size)
             )
             budget = max(0.0, free * self.config.cache.gpu_memory_utilization - weights)
         num_blocks = int(budget // block_bytes)
@@ -274,7 +285,7 @@ class LLMEngine:
         """Have every rank start ``op`` at the next step (cancels need no tracking of their own)."""
         self._transfer_ops.append(op)
         if op.kind != "cancel":
-            self._transfers[op.transfer_id] = _TransferTally(ranks_left=self.tp_size)
+            self._transfers[op.transfer_id] = _TransferTally(ranks_left=self.world_size)
 
     @property
     def has_pending_ops(self) -> bool:
@@ -326,7 +337,7 @@ class LLMEngine:
         cmd = RankCommand(
             step=inputs,
             transfer_ops=ops,
-            gather_transfers=self.tp_size > 1 and bool(self._transfers),
+            gather_transfers=self.world_size > 1 and bool(self._transfers),
         )
         logits, per_rank = self.executor.run(cmd)
         self._tally(per_rank)

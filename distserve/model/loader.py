@@ -1,4 +1,4 @@
-"""``load_model``: checkpoint folder → a ready :class:`CausalLM` on one tensor-parallel rank.
+"""``load_model``: checkpoint folder → a ready :class:`CausalLM` on one (pipeline stage, TP) rank.
 
 Validates the config (``config.py``), builds the model with uninitialised parameters directly on
 the target device, fills each parameter with this rank's slice read from safetensors
@@ -14,7 +14,7 @@ import torch
 from distserve.model.attention import get_backend
 from distserve.model.causal_lm import CausalLM
 from distserve.model.config import ModelConfig
-from distserve.model.parallel import TensorParallelGroup
+from distserve.model.parallel import PipelineParallelGroup, TensorParallelGroup
 from distserve.model.weights import CheckpointReader
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -28,13 +28,15 @@ def load_model(
     device: torch.device | str = "cpu",
     tp: TensorParallelGroup = TensorParallelGroup(),  # noqa: B008 (frozen, so a safe default)
     attention_backend: str = "auto",
+    pp: PipelineParallelGroup = PipelineParallelGroup(),  # noqa: B008 (frozen, so a safe default)
 ) -> CausalLM:
-    """Load ``model_path`` in ``dtype`` on ``device`` as rank ``tp.rank`` of ``tp.size``; eval mode.
+    """Load ``model_path`` in ``dtype`` on ``device`` as rank ``tp.rank`` of ``tp.size`` of
+    pipeline stage ``pp.rank`` of ``pp.size``; eval mode. Only the stage's tensors are read.
 
     Raises ``ValueError`` naming the problem for: an architecture other than Llama/Mistral/Qwen2,
     an unsupported rope type or activation, a sliding window smaller than
     ``max_position_embeddings`` (sliding-window attention is unsupported), shapes that do not
-    split over ``tp.size``, missing, unexpected or mis-shaped tensors, an unknown or unavailable
+    split over ``tp.size``, more pipeline stages than decoder layers, missing, unexpected or mis-shaped tensors, an unknown or unavailable
     ``attention_backend`` (``"auto"``, ``"sdpa"``, ``"flash_attn"``).
     """
     if dtype not in SUPPORTED_DTYPES:
@@ -42,10 +44,14 @@ def load_model(
     config = ModelConfig.from_pretrained(model_path)
     device = torch.device(device)
     backend = get_backend(attention_backend, device)
-    model = CausalLM(config, tp=tp, backend=backend, dtype=dtype, device=device)
+    model = CausalLM(config, tp=tp, backend=backend, dtype=dtype, device=device, pp=pp)
     with CheckpointReader(model_path, dtype, device) as reader:
         model.load_weights(reader)
-        unexpected = [n for n in reader.unread_names() if not n.endswith(_IGNORED_SUFFIXES)]
+        unexpected = [
+            n
+            for n in reader.unread_names()
+            if not n.endswith(_IGNORED_SUFFIXES) and model.holds_tensor(n)
+        ]
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
         raise ValueError(

@@ -54,25 +54,31 @@ class VocabParallelEmbedding(CheckpointModule):
 
 
 class ParallelLMHead(CheckpointModule):
+    """With ``tied_to`` the head shares that embedding's weight; otherwise it owns rows split the
+    same way as the embedding's (so a pipeline's last stage needs no embedding of its own)."""
+
     def __init__(
         self,
         prefix: str,
-        embedding: VocabParallelEmbedding,
-        is_tied: bool,
+        vocab_size: int,
+        hidden_size: int,
+        tp: TensorParallelGroup,
         dtype: torch.dtype,
         device: torch.device | str,
+        tied_to: VocabParallelEmbedding | None = None,
     ) -> None:
         super().__init__()
         self.prefix = prefix
-        self.is_tied = is_tied
-        self.vocab_size = embedding.vocab_size
-        self.vocab_start = embedding.vocab_start
-        self.tp = embedding.tp
-        if is_tied:
-            self.weight = embedding.weight
+        self.is_tied = tied_to is not None
+        self.vocab_size = vocab_size
+        self.tp = tp
+        if tied_to is not None:
+            self.vocab_start = tied_to.vocab_start
+            self.weight = tied_to.weight
         else:
-            shape = embedding.weight.shape
-            self.weight = empty_param(*shape, dtype=dtype, device=device)
+            num_local_rows = -(-vocab_size // tp.size)
+            self.vocab_start = tp.rank * num_local_rows
+            self.weight = empty_param(num_local_rows, hidden_size, dtype=dtype, device=device)
 
     def load_from(self, reader: CheckpointReader) -> None:
         name = f"{self.prefix}.weight"
