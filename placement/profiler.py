@@ -1,8 +1,8 @@
 """``distserve profile``: measure the real engine on this machine and fit the latency model.
 
 Owns the measurement grid and its driving of :class:`~distserve.engine.llm_engine.LLMEngine`
-(one engine per TP size, the ranks pinned: on CPU one core stands for one device and every
-rank runs one thread), the KV capacity each configuration gets, the point-to-point bandwidth
+(one engine per (TP, PP) configuration, the ranks pinned: on CPU one core stands for one device
+and every rank runs one thread), the KV capacity each configuration gets, the point-to-point bandwidth
 (``bandwidth.py``), and the fit (``latency_model.fit_prefill`` / ``fit_decode``). It writes
 nothing (the CLI saves the profile).
 
@@ -63,13 +63,13 @@ class ProfileOptions:
 def _validate(opts: ProfileOptions, cores: list[int]) -> None:
     if not (Path(opts.model_path) / "config.json").exists():
         raise ValueError(f"--model {opts.model_path}: not a checkpoint folder (no config.json)")
-    if any(pp != 1 for pp in opts.pps):
+    if any(pp < 1 for pp in opts.pps):
+        raise ValueError(f"--pp {list(opts.pps)}: pipeline sizes must be >= 1")
+    ranks = max(opts.tps) * max(opts.pps)
+    if opts.device == "cpu" and ranks > len(cores):
         raise ValueError(
-            f"--pp {list(opts.pps)}: the engine runs pipeline parallelism 1 only; the planner "
-            "models pp > 1 from the pp = 1 profile"
+            f"--tp {max(opts.tps)} x --pp {max(opts.pps)} needs {ranks} cores; usable: {cores}"
         )
-    if opts.device == "cpu" and max(opts.tps) > len(cores):
-        raise ValueError(f"--tp {max(opts.tps)} needs {max(opts.tps)} cores; usable: {cores}")
 
 
 @contextmanager
@@ -182,8 +182,10 @@ def measure(
     return prefill, decode
 
 
-def fit_config(tp: int, samples: Samples, capacity: int) -> ConfigProfile:
-    """Least-squares fit (relative error) of one TP size's samples."""
+def fit_config(tp: int, samples: Samples, capacity: int, pp: int = 1) -> ConfigProfile:
+    """Least-squares fit (relative error) of one (TP, PP) configuration's samples. With pp > 1
+    the measured step is one whole pass through every stage (the engine does not micro-batch),
+    i.e. the latency model's full-model time; the stage hops are inside it."""
     prefill, decode = samples
     p_fit = fit_prefill(prefill)
     small, large = fit_decode(decode, LARGE_BATCH_THRESHOLD)
@@ -195,7 +197,7 @@ def fit_config(tp: int, samples: Samples, capacity: int) -> ConfigProfile:
     }
     return ConfigProfile(
         tp=tp,
-        pp=1,
+        pp=pp,
         prefill=p_fit.coeffs,
         decode_small=small.coeffs,
         decode_large=(large or small).coeffs,
@@ -210,7 +212,7 @@ def fit_config(tp: int, samples: Samples, capacity: int) -> ConfigProfile:
 
 
 def _profile_tp(
-    opts: ProfileOptions, tp: int, device: str, bar: Any
+    opts: ProfileOptions, tp: int, device: str, bar: Any, pp: int = 1
 ) -> tuple[ConfigProfile, dict[str, Any]]:
     from distserve.config import CacheConfig, EngineConfig, ParallelConfig
     from distserve.engine.llm_engine import LLMEngine
@@ -225,7 +227,7 @@ def _profile_tp(
         cache=CacheConfig(
             block_size=16, cpu_memory_gib=opts.kv_cache_gib, enable_prefix_caching=False
         ),
-        parallel=ParallelConfig(tensor_parallel_size=tp),
+        parallel=ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max(256, budget)),
     )
     engine = LLMEngine(config)
@@ -240,11 +242,11 @@ def _profile_tp(
         )
     finally:
         engine.shutdown()
-    return fit_config(tp, samples, capacity), info
+    return fit_config(tp, samples, capacity, pp), info
 
 
 def run_profiler(opts: ProfileOptions) -> tuple[HardwareProfile, str]:
-    """Measure every TP size and the link; returns the profile and a text report of the fit."""
+    """Measure every (TP, PP) and the link; returns the profile and a text report of the fit."""
     import torch
     from tqdm import tqdm
 
@@ -257,15 +259,16 @@ def run_profiler(opts: ProfileOptions) -> tuple[HardwareProfile, str]:
     cores = list(opts.cores) if opts.cores else sorted(os.sched_getaffinity(0))
     _validate(opts, cores)
     prefill_grid, decode_grid = opts.grids()
-    total = len(opts.tps) * (len(prefill_grid) + len(decode_grid)) + 1
+    total = len(opts.tps) * len(opts.pps) * (len(prefill_grid) + len(decode_grid)) + 1
     configs: dict[tuple[int, int], ConfigProfile] = {}
     info: dict[str, Any] = {}
     with tqdm(total=total, desc="profiling", unit="point", disable=not opts.show_progress) as bar:
         for tp in opts.tps:
-            bar.set_description(f"profiling TP={tp}")
-            with _pinned(cores[:tp] if device == "cpu" else None):
-                cfg, info = _profile_tp(opts, tp, device, bar)
-            configs[tp, 1] = cfg
+            for pp in opts.pps:
+                bar.set_description(f"profiling TP={tp} PP={pp}")
+                with _pinned(cores[: tp * pp] if device == "cpu" else None):
+                    cfg, info = _profile_tp(opts, tp, device, bar, pp)
+                configs[tp, pp] = cfg
         bar.set_description("bandwidth")
         pair = (cores[0], cores[1 % len(cores)]) if device == "cpu" else None
         bw = measure_p2p_bandwidth(device, pair, repeats=2 if opts.quick else 5)

@@ -106,13 +106,17 @@ def test_invalid_inputs_print_one_line_and_exit_2(
     assert not (tmp_path / "c.yaml").exists()
 
 
-def test_profile_refuses_pipeline_parallelism(
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="on CUDA a rank is a GPU, not a core"
+)
+def test_profile_refuses_more_tp_x_pp_ranks_than_cores(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "config.json").write_text("{}")
-    args = ["profile", "--model", str(tmp_path), "--pp", "2", "--out", str(tmp_path / "p.json")]
+    args = ["profile", "--model", str(tmp_path), "--pp", "2", "--cores", "1",
+            "--out", str(tmp_path / "p.json")]  # fmt: skip
     assert main(args) == 2
-    assert "pipeline parallelism 1 only" in capsys.readouterr().err
+    assert "--tp 1 x --pp 2 needs 2 cores" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -105,12 +105,13 @@ def test_decode_samples_account_for_prompts_prefilled_in_separate_steps() -> Non
     assert [s[2] for s in samples] == pytest.approx(expected, rel=1e-9)
 
 
-def test_profile_options_reject_pipeline_parallelism_and_missing_models(tmp_path: Path) -> None:
+def test_profile_options_reject_more_ranks_than_cores_and_missing_models(tmp_path: Path) -> None:
     from placement.profiler import _validate
 
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="pipeline parallelism 1 only"):
-        _validate(ProfileOptions(str(tmp_path), "x", pps=(2,)), [0, 1])
+    _validate(ProfileOptions(str(tmp_path), "x", pps=(2,), device="cpu"), [0, 1])
+    with pytest.raises(ValueError, match="--tp 2 x --pp 2 needs 4 cores"):
+        _validate(ProfileOptions(str(tmp_path), "x", tps=(1, 2), pps=(1, 2), device="cpu"), [0, 1])
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         _validate(ProfileOptions(str(tmp_path / "nope"), "x"), [0, 1])
 
