@@ -10,7 +10,9 @@
     slo:      {ttft_s, tpot_s, attainment}
 
 Ranks of the torch.distributed world are assigned in order: every prefill instance's ranks, then
-decode, then colocated; an instance's first rank is its driver. Unknown keys and impossible
+decode, then colocated; an instance of ``tp`` x ``pp`` has ``tp * pp`` consecutive ranks listed by
+``pp_rank * tp + tp_rank`` (a stage's TP ranks are contiguous) and its first rank, stage 0's TP
+rank 0, is its driver. Pipeline parallelism (``pp > 1``) is accepted for colocated pools only. Unknown keys and impossible
 values raise :class:`ConfigError` naming the key, e.g. ``prefill.tp: must be >= 1, got 0``.
 """
 
@@ -89,7 +91,7 @@ class InstancePlan:
 
     instance_id: str  # e.g. "prefill-0"
     role: str
-    ranks: tuple[int, ...]  # global ranks, by TP rank (pp=1)
+    ranks: tuple[int, ...]  # global ranks, index pp_rank * tp + tp_rank
     pool: PoolSection
     index: int  # position within its role
 
@@ -275,8 +277,12 @@ def validate(c: ClusterConfig) -> None:
             f"must be >= 0, got {p.instances!r}",
         )
         _check(isinstance(p.tp, int) and p.tp >= 1, f"{role}.tp", f"must be >= 1, got {p.tp!r}")
+        _check(isinstance(p.pp, int) and p.pp >= 1, f"{role}.pp", f"must be >= 1, got {p.pp!r}")
         _check(
-            p.pp == 1, f"{role}.pp", f"pipeline parallelism is planned but not run yet; got {p.pp}"
+            p.pp == 1 or role == "colocated",
+            f"{role}.pp",
+            f"got {p.pp}: pipeline parallelism is supported for colocated pools; KV transfer "
+            "between pipeline stages is not implemented yet",
         )
         _check(p.max_num_batched_tokens >= 1, f"{role}.max_num_batched_tokens", "must be >= 1")
         _check(p.max_num_seqs >= 1, f"{role}.max_num_seqs", "must be >= 1")

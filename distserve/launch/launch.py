@@ -4,9 +4,12 @@
 
 Each rank reads the same YAML, finds its instance (ranks are assigned prefill, decode, colocated
 in order), pins itself to its cores, joins the world (gloo on CPU; gloo+NCCL on GPU) and makes
-the TP groups of every instance. An instance's first rank is its driver: it builds the engine,
-serves gRPC and registers with the router. The other ranks run the model steps their driver
-broadcasts. Environment read here (and only here): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+the groups of every instance: the instance's group (commands, transfer results, pipeline
+hand-offs) and, with PP > 1 and TP > 1, one TP group per stage. A rank of an instance is
+(pp_rank, tp_rank), at index ``pp_rank * tp + tp_rank`` of its ranks; torchrun's
+``--nproc-per-node`` is the sum of ``tp * pp`` over all instances. An instance's first rank is its
+driver: it builds the engine, serves gRPC and registers with the router. The other ranks run the
+model steps their driver broadcasts. Environment read here (and only here): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT (set by torchrun), DISTSERVE_HOST (the address this node's instances advertise).
 """
 
@@ -19,6 +22,7 @@ import logging
 import os
 import signal
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,6 +33,9 @@ from distserve.launch.cluster_config import (
     InstancePlan,
     load_cluster_config,
 )
+
+if TYPE_CHECKING:
+    from distserve.model.parallel import PipelineParallelGroup, TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -99,19 +106,30 @@ def launch_rank(config: ClusterConfig, env: RankEnv, router_address: str) -> int
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=_NEVER)
     try:
-        groups = {
-            p.instance_id: dist.new_group(list(p.ranks))
-            for p in config.instances()
-            if len(p.ranks) > 1
-        }
+        from distserve.engine.executor import new_stage_groups, rank_parallel_groups
+
+        # dist.new_group is collective: every rank makes every instance's groups, in one order.
+        groups: dict[str, dist.ProcessGroup | None] = {}
+        stage_groups: dict[str, list] = {}
+        for p in config.instances():
+            group = dist.new_group(list(p.ranks)) if len(p.ranks) > 1 else None
+            groups[p.instance_id] = group
+            stage_groups[p.instance_id] = new_stage_groups(p.ranks, p.pool.tp, p.pool.pp, group)
+        group = groups[plan.instance_id]
+        tp, pp = rank_parallel_groups(
+            plan.ranks,
+            plan.pool.tp,
+            plan.pool.pp,
+            env.rank,
+            group,
+            stage_groups[plan.instance_id],
+        )
         if env.rank == plan.driver_rank:
-            return _run_driver(
-                config, env, plan, groups.get(plan.instance_id), device, router_address
-            )
+            return _run_driver(config, env, plan, group, tp, pp, device, router_address)
         signal.signal(
             signal.SIGINT, signal.SIG_IGN
         )  # the driver stops us (Ctrl-C reaches every rank)
-        _run_follower(env, plan, groups.get(plan.instance_id), device)
+        _run_follower(env, plan, group, tp, pp, device)
         return 0
     finally:
         dist.destroy_process_group()
@@ -122,6 +140,8 @@ def _run_driver(
     env: RankEnv,
     plan: InstancePlan,
     group: dist.ProcessGroup | None,
+    tp: TensorParallelGroup,
+    pp: PipelineParallelGroup,
     device: str,
     router_address: str,
 ) -> int:
@@ -129,10 +149,8 @@ def _run_driver(
     from distserve.engine.llm_engine import LLMEngine
     from distserve.engine.worker import WorkerSpec
     from distserve.instance.server import InstanceOptions, serve_instance
-    from distserve.model.parallel import TensorParallelGroup
 
     moves_kv = plan.role != "colocated"
-    tp = TensorParallelGroup(0, len(plan.ranks), group)
 
     def make_executor(spec: WorkerSpec) -> object:
         spec = dataclasses.replace(
@@ -142,10 +160,10 @@ def _run_driver(
             global_rank=env.rank,
             transfer_timeout_s=config.transfer.timeout_s,
         )
-        if tp.size == 1:
+        if len(plan.ranks) == 1:
             return UniprocExecutor(spec)
         dist.broadcast_object_list([spec], src=plan.driver_rank, group=group)
-        return GroupExecutor(spec, tp, src_global_rank=plan.driver_rank)
+        return GroupExecutor(spec, tp, src_global_rank=plan.driver_rank, pp=pp, group=group)
 
     engine_config = dataclasses.replace(config.engine_config(plan.role), device=device)
     engine = LLMEngine(engine_config, role=plan.role, executor_factory=make_executor)
@@ -166,13 +184,17 @@ def _run_driver(
 
 
 def _run_follower(
-    env: RankEnv, plan: InstancePlan, group: dist.ProcessGroup | None, device: str
+    env: RankEnv,
+    plan: InstancePlan,
+    group: dist.ProcessGroup | None,
+    tp: TensorParallelGroup,
+    pp: PipelineParallelGroup,
+    device: str,
 ) -> None:
     from distserve.engine.worker import Worker, worker_loop
-    from distserve.model.parallel import TensorParallelGroup
 
     box: list = [None]
     dist.broadcast_object_list(box, src=plan.driver_rank, group=group)
     spec = dataclasses.replace(box[0], global_rank=env.rank, device=device)
-    worker = Worker(spec, TensorParallelGroup(plan.ranks.index(env.rank), len(plan.ranks), group))
+    worker = Worker(spec, tp, pp)
     worker_loop(worker, src=plan.driver_rank, group=group)
