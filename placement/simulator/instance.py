@@ -84,8 +84,13 @@ class SimInstance:
         return len(self._decoding)
 
     def snapshot(self) -> InstanceLoad:
-        if self._snapshot is None:
-            self._snapshot = InstanceLoad(
+        snap = self._snapshot
+        if snap is None:
+            # built per instance per decision: fill the frozen dataclass's fields directly
+            # (its __init__ and role check cost more than the rest; the role was checked by
+            # InstanceSpec)
+            snap = self._snapshot = object.__new__(InstanceLoad)
+            snap.__dict__.update(
                 instance_id=self.instance_id,
                 role=self.role,
                 num_running=len(self.prefilling) + len(self._decoding) + len(self.joining),
@@ -95,7 +100,7 @@ class SimInstance:
                 total_kv_blocks=self.pool.capacity_blocks,
                 recent_tpot_s=self.recent_tpot_s,
             )
-        return self._snapshot
+        return snap
 
     def blocks_needed(self, r: SimRequest) -> int:
         """Blocks ``r`` holds here: its prompt on a prefill instance, prompt + output otherwise."""

@@ -192,3 +192,20 @@ def test_the_decode_fast_path_gives_the_same_run(monkeypatch: pytest.MonkeyPatch
     slow = simulate(spec, reqs, "least_load")
     assert fast.records == slow.records and fast.end_s == slow.end_s
     assert fast.busy_s == slow.busy_s
+
+
+def test_an_instance_snapshot_is_a_complete_instance_load() -> None:
+    """``SimInstance.snapshot`` fills InstanceLoad's fields without its __init__: every field
+    must be there and compare equal to one built the ordinary way."""
+    from dataclasses import fields
+
+    from distserve.router.policies import InstanceLoad
+    from placement.simulator.instance import SimInstance
+
+    inst = SimInstance(cluster().instances[0], BS)
+    snap = inst.snapshot()
+    assert set(vars(snap)) == {f.name for f in fields(InstanceLoad)}
+    assert snap == InstanceLoad(
+        "prefill-0", "prefill", total_kv_blocks=inst.pool.capacity_blocks,
+        free_kv_blocks=inst.pool.num_free,
+    )  # fmt: skip
