@@ -42,10 +42,32 @@ class PrefixCacheStats:
 
 @dataclass
 class BlockEvents:
-    """Hashes stored in / evicted from the prefix cache since the last drain (for the router)."""
+    """Hashes stored in / evicted from the prefix cache since the last drain (for the router).
+
+    Netted: a hash appears in at most one list, the one of its latest event (stored then evicted
+    is evicted; evicted then stored again is stored), so the order a reader applies the two lists
+    in does not matter.
+    """
 
     stored: list[int] = field(default_factory=list)
     evicted: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.stored or self.evicted)
+
+    def then(self, newer: BlockEvents) -> BlockEvents:
+        """These events followed by ``newer``, netted (for a report that must be re-sent)."""
+        state = dict.fromkeys(self.stored, True) | dict.fromkeys(self.evicted, False)
+        state.update(dict.fromkeys(newer.stored, True))
+        state.update(dict.fromkeys(newer.evicted, False))
+        return _events_from_state(state)
+
+
+def _events_from_state(state: dict[int, bool]) -> BlockEvents:
+    return BlockEvents(
+        stored=[h for h, stored in state.items() if stored],
+        evicted=[h for h, stored in state.items() if not stored],
+    )
 
 
 class BlockPool:
@@ -58,7 +80,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, Block] = {}
         self.stats = PrefixCacheStats()
-        self._events = BlockEvents()
+        self._events: dict[int, bool] = {}  # hash -> stored (True) / evicted (False), latest wins
 
     @property
     def num_free_blocks(self) -> int:
@@ -117,15 +139,15 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = token_ids
         self._cached[block_hash] = block
-        self._events.stored.append(block_hash)
+        self._events[block_hash] = True
 
     def record_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
         self.stats.num_queried_tokens += num_queried_tokens
         self.stats.num_hit_tokens += num_hit_tokens
 
     def drain_events(self) -> BlockEvents:
-        events, self._events = self._events, BlockEvents()
-        return events
+        events, self._events = self._events, {}
+        return _events_from_state(events)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash of free blocks (used when weights change or by tests)."""
@@ -137,7 +159,7 @@ class BlockPool:
             return
         if self._cached.get(block.block_hash) is block:
             del self._cached[block.block_hash]
-            self._events.evicted.append(block.block_hash)
+            self._events[block.block_hash] = False
             self.stats.num_evicted_blocks += 1
         block.block_hash = None
         block.token_ids = None

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from distserve._proto import instance_pb2, instance_pb2_grpc
+from distserve.engine.block_pool import BlockEvents
 from distserve.engine.llm_engine import InstanceTransferResult, LLMEngine
 from distserve.engine.request import Request
 from distserve.engine.role_schedulers import PrefillScheduler
@@ -68,6 +69,7 @@ class InstanceRuntime:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: set[asyncio.Task] = set()
         self._report_seq = 0
+        self._unreported = BlockEvents()  # prefix-cache events no Report has delivered yet
         self.address = ""
         self.server: grpc.aio.Server | None = None
         self.loop: EngineLoop | None = None
@@ -176,19 +178,30 @@ class InstanceRuntime:
             await asyncio.sleep(self.options.heartbeat_s)
             assert self.loop is not None
             try:
-                stats = await self.loop.call(self._stats)
+                stats = await self.loop.call(self._report_stats)
                 ack = await stub.Report(stats, timeout=5)
+                self._unreported = BlockEvents()  # the router has them now
                 if not ack.known:
                     await self.register()
             except grpc.aio.AioRpcError as exc:
                 logger.debug("heartbeat failed: %s", exc.details())
 
-    def _stats(self) -> instance_pb2.InstanceStats:
-        """Runs on the engine thread."""
+    def _report_stats(self) -> instance_pb2.InstanceStats:
+        """A heartbeat's stats (engine thread): with the prefix-cache events not yet reported.
+
+        Events stay pending until a Report carrying them succeeds, so a lost heartbeat loses
+        none; newer events are netted into them.
+        """
+        self._unreported = self._unreported.then(self.engine.kv.drain_events())
+        self._report_seq += 1
+        return self._stats(self._unreported)
+
+    def _stats(self, events: BlockEvents | None = None) -> instance_pb2.InstanceStats:
+        """Load and cache stats (engine thread). GetStats callers get no events: only the
+        heartbeat takes them, so that a monitoring call cannot steal them from the router."""
         engine, kv, sched = self.engine, self.engine.kv, self.engine.scheduler
         waiting = [*sched.waiting.values(), *getattr(sched, "awaiting_kv", ())]
-        events = kv.drain_events()
-        self._report_seq += 1
+        events = events if events is not None else BlockEvents()
         self.metrics.set_load(len(waiting), len(sched.running), kv.usage, kv.pool.stats.hit_rate)
         return instance_pb2.InstanceStats(
             instance_id=self.options.instance_id,

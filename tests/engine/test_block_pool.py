@@ -49,9 +49,30 @@ def test_cache_hit_requires_equal_tokens_and_eviction_emits_events():
     pool.allocate(2)
     assert pool.lookup(123, (1, 2)) is None
     events = pool.drain_events()
-    assert events.stored == [123] and events.evicted == [123]
+    assert events.stored == [] and events.evicted == [123]  # netted: its last event wins
     assert pool.stats.num_evicted_blocks == 1
-    assert pool.drain_events().stored == []
+    assert not pool.drain_events()
+
+
+def test_events_are_netted_to_each_hash_latest_state():
+    pool = BlockPool(1)
+    (blk,) = pool.allocate(1)
+    pool.cache(blk, 7, (1,))
+    pool.free([blk])
+    (blk,) = pool.allocate(1)  # evicts 7
+    pool.cache(blk, 7, (1,))  # stored again: the router must end up believing it is held
+    events = pool.drain_events()
+    assert events.stored == [7] and events.evicted == []
+
+
+def test_unreported_events_merge_with_newer_ones():
+    from distserve.engine.block_pool import BlockEvents
+
+    lost = BlockEvents(stored=[1, 2], evicted=[3])  # a heartbeat that never arrived
+    newer = BlockEvents(stored=[3], evicted=[1])
+    merged = lost.then(newer)
+    assert sorted(merged.stored) == [2, 3] and merged.evicted == [1]
+    assert not BlockEvents() and BlockEvents().then(BlockEvents()) == BlockEvents()
 
 
 def test_first_writer_wins_for_duplicate_hashes():
