@@ -151,25 +151,47 @@ class LPMOrder(AdmissionOrder):
 
 class PrebleOrder(AdmissionOrder):
     """Preble-like: ``num_groups`` groups by cache-hit ratio, visited round-robin; a visit of
-    group g admits up to ``(g+1) × per_group_quota`` requests, FCFS inside the group.
+    group g admits up to ``(g+1) × per_group_quota`` requests and up to
+    ``(g+1) × per_group_tokens`` uncached prompt tokens, FCFS inside the group.
 
-    A visit ends when its quota is admitted or its group has been offered entirely; a step
-    that stops mid-visit resumes the same visit next step. One call visits each group once.
+    A visit ends when either quota is used up or its group has been offered entirely; a step
+    that stops mid-visit resumes the same visit next step. One call visits each group once. A
+    visit always admits its first request, however long, so no group starves.
+
+    The token quota is what keeps the higher-hit groups' larger share a share of *compute*: with
+    a request quota alone, a visit to the no-hit group could span as many steps as its quota has
+    requests (a step's token budget fits one long uncached prompt), and every cache hit queued
+    behind it waited for all of them.
     """
 
     name = "preble"
 
-    def __init__(self, num_groups: int = 10, per_group_quota: int = 10) -> None:
+    def __init__(
+        self, num_groups: int = 10, per_group_quota: int = 10, per_group_tokens: int = 512
+    ) -> None:
         super().__init__()
+        if min(num_groups, per_group_quota, per_group_tokens) < 1:
+            raise ValueError(
+                "num_groups, per_group_quota and per_group_tokens must be >= 1, got "
+                f"{num_groups}, {per_group_quota}, {per_group_tokens}"
+            )
         self.num_groups = num_groups
         self.per_group_quota = per_group_quota
+        self.per_group_tokens = per_group_tokens
         self.current_group = 0
         self.admitted_in_visit = 0
+        self.tokens_in_visit = 0
         self._group_of: dict[str, int] = {}
 
     def group(self, item: WaitingItem, num_cached_tokens: int) -> int:
         ratio = num_cached_tokens / item.num_prompt_tokens if item.num_prompt_tokens else 0.0
         return min(self.num_groups - 1, int(ratio * self.num_groups))
+
+    def _visit_used_up(self, g: int) -> bool:
+        return (
+            self.admitted_in_visit >= (g + 1) * self.per_group_quota
+            or self.tokens_in_visit >= (g + 1) * self.per_group_tokens
+        )
 
     def _order(self, match_len: MatchLen) -> Iterator[str]:
         buckets: list[list[str]] = [[] for _ in range(self.num_groups)]
@@ -180,17 +202,17 @@ class PrebleOrder(AdmissionOrder):
             buckets[g].append(item.request_id)
         for _ in range(self.num_groups):
             g = self.current_group
-            quota = (g + 1) * self.per_group_quota
             for rid in buckets[g]:
-                if self.admitted_in_visit >= quota:
+                if self._visit_used_up(g):
                     break
                 yield rid
             self.current_group = (g + 1) % self.num_groups
-            self.admitted_in_visit = 0
+            self.admitted_in_visit = self.tokens_in_visit = 0
 
     def _charge_input(self, item: WaitingItem, num_uncached_tokens: int) -> None:
         if self._group_of.get(item.request_id) == self.current_group:
             self.admitted_in_visit += 1
+            self.tokens_in_visit += num_uncached_tokens
 
 
 class DLPMOrder(AdmissionOrder):

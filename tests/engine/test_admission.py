@@ -94,6 +94,22 @@ def test_preble_visit_resumes_where_a_step_stopped() -> None:
     assert drain(order, {}, per_step=1) == ["r0", "r1", "r2", "r3", "r4"]
 
 
+def test_preble_visit_ends_at_its_token_quota() -> None:
+    # per_group_tokens=100: group 0 may admit 100 uncached tokens per visit, group 9 1000
+    order = make_admission_order("preble", per_group_quota=10, per_group_tokens=100)
+    misses = [(f"m{i}", "c", float(i), 300) for i in range(3)]  # group 0, 300 uncached each
+    hits = [(f"h{i}", "c", 10.0 + i, 300) for i in range(4)]  # 290 cached: group 9
+    fill(order, misses + hits)
+    match = {f"h{i}": 290 for i in range(4)}
+    # the first miss alone uses group 0's visit; the hits all fit group 9's; then m1, m2
+    assert drain(order, match, per_step=1) == ["m0", "h0", "h1", "h2", "h3", "m1", "m2"]
+
+
+def test_preble_rejects_empty_quotas() -> None:
+    with pytest.raises(ValueError, match="per_group_tokens must be >= 1"):
+        make_admission_order("preble", per_group_tokens=0)
+
+
 def test_dlpm_with_infinite_quantum_is_lpm() -> None:
     rng = random.Random(0)
     items = [(f"r{i}", f"c{rng.randrange(3)}", float(i), rng.randrange(10, 500)) for i in range(40)]
