@@ -5,7 +5,7 @@ Owns the two subcommands' options and turning them into calls of ``profiler.run_
 ``distserve --help`` stays fast. Bad input raises ValueError, which ``distserve`` prints as one
 line and exits 2.
 
-    distserve profile --model PATH --tp 1,2 [--pp 1] [--quick] --out profile.json
+    distserve profile --model PATH --tp 1,2 [--pp 1,2] [--quick] --out profile.json
     distserve plan --profile profile.json --model-name NAME --workload W \\
         --ttft-slo S --tpot-slo S [--attainment 0.9] --gpus-per-node M --nodes N \\
         [--rate R | --gpus G] [--network fast|slow] --out cluster.yaml
@@ -18,15 +18,15 @@ import sys
 from pathlib import Path
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
     return values
 
 
@@ -37,14 +37,21 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder to profile")
     p.add_argument("--model-name", default=None, help="name in the profile (default: folder name)")
     p.add_argument("--tp", type=_int_list, default=[1], help="tensor-parallel sizes, e.g. 1,2")
-    p.add_argument("--pp", type=_int_list, default=[1], help="pipeline sizes (the engine runs 1)")
+    p.add_argument(
+        "--pp", type=_int_list, default=[1], help="pipeline sizes, e.g. 1,2 (tp x pp cores each)"
+    )
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--quick", action="store_true", help="a small grid, one repeat (about a minute)")
     p.add_argument("--repeats", type=int, default=None, help="timings per grid point (median)")
     p.add_argument("--kv-cache-gib", type=float, default=0.5, help="CPU KV pool per rank")
     p.add_argument("--max-prompt-len", type=int, default=1024, help="longest prompt profiled")
     p.add_argument("--max-batch-size", type=int, default=None, help="largest decode batch")
-    p.add_argument("--cores", type=_int_list, default=None, help="CPU cores to pin ranks to")
+    p.add_argument(
+        "--cores",
+        type=lambda text: _int_list(text, minimum=0),
+        default=None,
+        help="CPU cores to pin ranks to, e.g. 0,1",
+    )
     p.add_argument("--disable-tqdm", action="store_true")
 
 

@@ -224,7 +224,8 @@ class Evaluator:
     def prefill_hint(self, cfg: PhaseConfig) -> float:
         lat = self.model.latency(cfg.tp, cfg.pp)
         mean_ms = float(np.mean([lat.prefill_ms([n]) for n in self.workload.input_lens[:200]]))
-        return max(1e-3, 1000.0 * cfg.pp / mean_ms)
+        overlap = cfg.pp if lat.micro_batched else 1  # batches in flight at once
+        return max(1e-3, 1000.0 * overlap / mean_ms)
 
     def decode_hint(self, cfg: PhaseConfig) -> float:
         lat = self.model.latency(cfg.tp, cfg.pp)

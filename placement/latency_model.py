@@ -7,6 +7,8 @@ simulator decides what goes into a step, this module only says how long the step
     prefill batch (ms)  = a + b·Σl + c·Σl²                       l = prompt lengths
     decode step (ms)    = a + b·Σ(ctx+1) + c·batch                small / large coefficient sets
     pipeline (pp > 1)   : per-stage time = t/pp + stage overhead; a batch takes pp stages
+                          (micro_batched = False, our engine: stages run one after another, a
+                          step is the whole pass t + pp·overhead and nothing overlaps)
     KV transfer (s)     = bytes / link bandwidth
 
 Chunks and cached prefixes (our extension, consistent with the formula above): extending a
@@ -51,6 +53,9 @@ class LatencyModel:
     tp: int = 1
     pp: int = 1
     stage_overhead_ms: float = 0.0  # added per pipeline stage when pp > 1
+    # pp > 1: does the engine overlap micro-batches across stages (DistServe's does), or run a
+    # step's stages one after another (ours; its measured pp entries are whole-pass times)?
+    micro_batched: bool = True
 
     def __post_init__(self) -> None:
         if self.pp < 1 or self.tp < 1:
@@ -80,22 +85,29 @@ class LatencyModel:
 
     # ---- pipelined times: what the simulator uses ----
     def prefill_stage_ms(self, work_ms: float) -> float:
-        """How long a prefill batch of ``work_ms`` (incl. ``a``) occupies one pipeline stage."""
+        """How long a prefill batch of ``work_ms`` (incl. ``a``) occupies one pipeline stage
+        (without micro-batching: the whole instance, for the whole pass)."""
+        if self.pp > 1 and not self.micro_batched:
+            return self.prefill_batch_latency_ms(work_ms)
         return work_ms / self.pp + (self.stage_overhead_ms if self.pp > 1 else 0.0)
 
     def prefill_batch_latency_ms(self, work_ms: float) -> float:
         """From the batch entering stage 1 to its last stage finishing."""
+        if self.pp > 1 and not self.micro_batched:
+            return work_ms + self.pp * self.stage_overhead_ms
         return self.pp * self.prefill_stage_ms(work_ms)
 
     def decode_step_latency_ms(self, batch_size: int, sum_ctx_plus_one: int) -> float:
         """Time between two tokens of one sequence under pipelining.
 
-        With pp > 1 the batch is split into pp micro-batches that chase each other through the
+        With pp > 1 (and micro-batching) the batch is split into pp micro-batches that chase each other through the
         stages; every sequence gets one token per round of pp stage times, each stage running a
         micro-batch of ``batch/pp`` sequences for 1/pp of the model.
         """
         if self.pp == 1:
             return self.decode_ms(batch_size, sum_ctx_plus_one)
+        if not self.micro_batched:  # one whole pass per step, stage after stage
+            return self.decode_ms(batch_size, sum_ctx_plus_one) + self.pp * self.stage_overhead_ms
         micro = max(1, round(batch_size / self.pp))
         return (
             self.decode_ms(micro, round(sum_ctx_plus_one / self.pp))

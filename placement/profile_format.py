@@ -60,6 +60,9 @@ class ConfigProfile:
     kv_capacity_tokens: int
     large_batch_threshold: int = 95
     stage_overhead_ms: float = 0.0
+    # False for our engine's profiles: it runs a step's pipeline stages one after another
+    # (see LatencyModel.micro_batched); DistServe's data describes an engine that overlaps them.
+    micro_batched: bool = True
     fit: dict[str, Any] = field(default_factory=dict, compare=False)  # fit errors, if fitted
     samples: dict[str, Any] = field(default_factory=dict, compare=False)  # raw timings
 
@@ -72,6 +75,7 @@ class ConfigProfile:
             tp=self.tp,
             pp=self.pp if pp is None else pp,
             stage_overhead_ms=self.stage_overhead_ms,
+            micro_batched=self.micro_batched,
         )
 
 
@@ -239,6 +243,7 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
                 kv_capacity_tokens=int(c["kv_capacity_tokens"]),
                 large_batch_threshold=int(c.get("large_batch_threshold", 95)),
                 stage_overhead_ms=float(c.get("stage_overhead_ms", 0.0)),
+                micro_batched=bool(c.get("micro_batched", True)),
                 fit=c.get("fit", {}),
                 samples=c.get("samples", {}),
             )
@@ -282,6 +287,7 @@ def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
                     "large_batch_threshold": c.large_batch_threshold,
                     "kv_capacity_tokens": c.kv_capacity_tokens,
                     "stage_overhead_ms": c.stage_overhead_ms,
+                    "micro_batched": c.micro_batched,
                     "fit": c.fit,
                     "samples": c.samples,
                 }

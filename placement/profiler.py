@@ -203,6 +203,7 @@ def fit_config(tp: int, samples: Samples, capacity: int, pp: int = 1) -> ConfigP
         decode_large=(large or small).coeffs,
         kv_capacity_tokens=capacity,
         large_batch_threshold=LARGE_BATCH_THRESHOLD,
+        micro_batched=False,  # our engine runs a step's stages one after another
         fit=fit,
         samples={
             "prefill": [[*lens, ms] for lens, ms in prefill],

@@ -221,7 +221,7 @@ class SimInstance:
     def finish_step(self, plan: StepPlan) -> tuple[list[SimRequest], list[SimRequest]]:
         """Apply a finished batch: returns (prompts that got their first token, finished)."""
         self._snapshot = None
-        if self.latency.pp == 1 or self.role != "prefill":
+        if self.latency.pp == 1 or not self.latency.micro_batched or self.role != "prefill":
             self.is_busy = False
         prefilled: list[SimRequest] = []
         caching = self.pool.enable_prefix_caching

@@ -92,3 +92,25 @@ def test_distserve_profile_loads_and_matches_the_embedded_default() -> None:
     assert kv_capacity_tokens("facebook/opt-13b", 1, 1) == 66144
     with pytest.raises(ValueError, match="TP=3"):
         LatencyModel.from_profile("facebook/opt-13b", tp=3)
+
+
+def test_pipeline_without_micro_batching_is_one_whole_pass() -> None:
+    from placement.latency_model import LatencyModel
+
+    coeffs = (10.0, 0.01, 0.0)
+    piped = LatencyModel(coeffs, (5.0, 0.001, 0.1), (5.0, 0.001, 0.1), pp=2, stage_overhead_ms=1.0)
+    whole = LatencyModel(
+        coeffs,
+        (5.0, 0.001, 0.1),
+        (5.0, 0.001, 0.1),
+        pp=2,
+        stage_overhead_ms=1.0,
+        micro_batched=False,
+    )
+    work = 100.0
+    # micro-batched: a stage is busy for half the work, the batch takes both stages
+    assert piped.prefill_stage_ms(work) == 51.0 and piped.prefill_batch_latency_ms(work) == 102.0
+    # stage after stage: the instance is busy for the whole pass, nothing overlaps
+    assert whole.prefill_stage_ms(work) == whole.prefill_batch_latency_ms(work) == 102.0
+    assert whole.decode_step_latency_ms(8, 800) == whole.decode_ms(8, 800) + 2.0
+    assert piped.decode_step_latency_ms(8, 800) == piped.decode_ms(4, 400) + 2.0

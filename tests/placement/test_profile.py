@@ -132,6 +132,17 @@ def test_our_format_round_trips(tmp_path: Path) -> None:
     assert (again.intra_node_bytes_per_s, again.inter_node_bytes_per_s) == (1e9, 5e8)
     assert m.kv_capacity(1, 1) == 5000 and m.kv_capacity(1, 2) == 10000  # scaled per device
     assert m.kv_capacity(2, 1) is None and m.latency(1, 2).pp == 2
+    assert m.latency(1, 2).micro_batched  # a hand-made entry keeps the default
+
+
+def test_micro_batching_flag_round_trips(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    profile = _ours()
+    model = profile.models["tiny"]
+    model.configs[1, 1] = replace(model.configs[1, 1], micro_batched=False)
+    save_profile(profile, tmp_path / "p.json")
+    assert not load_profile(tmp_path / "p.json").model("tiny").latency(1, 2).micro_batched
 
 
 def test_distserve_format_is_recognised(tmp_path: Path) -> None:

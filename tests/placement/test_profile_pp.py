@@ -43,3 +43,5 @@ def test_profile_tp1_pp2_on_the_tiny_model_writes_a_1_2_entry(
     loaded = load_profile(tmp_path / "profile.json").models["tiny"]
     assert loaded.configs[1, 2].kv_capacity_tokens == cfg.kv_capacity_tokens
     assert loaded.kv_capacity(1, 2) == cfg.kv_capacity_tokens  # measured, not scaled from pp=1
+    # the measured entry is a whole pass (no micro-batching): the planner must not pipeline it
+    assert not cfg.micro_batched and not loaded.latency(1, 2).micro_batched
