@@ -21,6 +21,8 @@ import asyncio
 import json
 import math
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +150,17 @@ async def _run(args: argparse.Namespace, rates: list[float], extra_body: Any) ->
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        prompts = await _prepare(args, backend)
+        # One seed for lengths and arrival gaps (each rate's gaps are the same draws, scaled by
+        # 1/rate); token content fresh for the warm-up and for each rate, so that no run is
+        # served from the prefix cache a previous one filled (ShareGPT text is what the file
+        # has: the same at every rate).
+        make_prompts = await _prompt_maker(args, backend)
         if args.warmup_requests:
-            warmup = prompts[: args.warmup_requests]
+            warmup = make_prompts(0)[: args.warmup_requests]
             await run_rate(backend, warmup, [0.0] * len(warmup), show_progress=False)
         results = []
-        for rate in rates:  # one seed: each rate's gaps are the same draws, scaled by 1/rate
+        for i, rate in enumerate(rates):
+            prompts = make_prompts(i + 1)
             is_trace = args.dataset.startswith("mooncake:")
             times = arrival_times(prompts, rate, args.burstiness, args.seed, is_trace)
             records, duration_s = await run_rate(
@@ -176,7 +183,10 @@ async def _run(args: argparse.Namespace, rates: list[float], extra_body: Any) ->
     return _report(args, rates, results)
 
 
-async def _prepare(args: argparse.Namespace, backend: Backend) -> list[BenchPrompt]:
+async def _prompt_maker(
+    args: argparse.Namespace, backend: Backend
+) -> Callable[[int], list[BenchPrompt]]:
+    """``make(k)``: the run's prompts with token content number ``k`` (same lengths for all k)."""
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -194,7 +204,16 @@ async def _prepare(args: argparse.Namespace, backend: Backend) -> list[BenchProm
         seed=args.seed,
         as_text=args.prompt_as_text,
     )
-    return build_prompts(args.dataset, opts, vocab_size, tokenizer)
+    made: dict[int, list[BenchPrompt]] = {}
+
+    def make(k: int) -> list[BenchPrompt]:
+        if k not in made:
+            content = replace(opts, content_seed=args.seed + 1_000_003 * k)
+            made[k] = build_prompts(args.dataset, content, vocab_size, tokenizer)
+        return made[k]
+
+    make(0)  # bad options fail here, before anything is sent
+    return make
 
 
 def _record_json(rec: Any, start_s: float) -> dict[str, Any]:

@@ -43,9 +43,17 @@ class PromptOptions:
     num_prefix_groups: int = 8
     seed: int = 0
     as_text: bool = False
+    # Token content only (lengths, prefix structure and trace timing stay those of ``seed``):
+    # bench runs each rate, and its warm-up, on fresh content so that no rate is served from
+    # the prefix cache the previous one filled. None: ``seed``.
+    content_seed: int | None = None
 
 
 DEFAULT_OUTPUT_LEN = 128
+
+
+def _content_seed(opts: PromptOptions) -> int:
+    return opts.seed if opts.content_seed is None else opts.content_seed
 
 
 def build_prompts(
@@ -82,12 +90,13 @@ def build_prompts(
     out = []
     for req in reqs:
         ids = [
-            int(allowed[t % len(allowed)]) for t in workloads.to_token_ids(req, 1 << 30, opts.seed)
+            int(allowed[t % len(allowed)])
+            for t in workloads.to_token_ids(req, 1 << 30, _content_seed(opts))
         ]
         prompt: str | list[int] = ids
         input_len = len(ids)
         if opts.as_text:
-            prompt, input_len = _as_text(ids, tokenizer, allowed, opts.seed)
+            prompt, input_len = _as_text(ids, tokenizer, allowed, _content_seed(opts))
         out.append(
             BenchPrompt(
                 req.request_id, req.client_id, prompt, input_len, req.output_len, req.arrival_s

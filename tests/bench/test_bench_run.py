@@ -67,6 +67,24 @@ def test_http_sweep_writes_consistent_json_and_a_plot(http_server, tmp_path, cap
     assert "TTFT p50" in table and "goodput at 0.9" in table
 
 
+def test_each_rate_and_the_warmup_send_fresh_prompts_of_the_same_lengths(http_server, tmp_path):
+    # Otherwise every rate after the first is served from the prefix cache the first one filled.
+    url, frontend = http_server
+    num_before = len(frontend.requests)
+    args = parse(
+        "--endpoint", url, "--dataset", "random", "--num-prompts", "5", "--input-len", "16",
+        "--range-ratio", "0.5", "--output-len", "2", "--rates", "500,1000",
+        "--warmup-requests", "3", "--out", str(tmp_path / "b.json"),
+    )  # fmt: skip
+    assert run_bench(args) == 0
+    sent = [tuple(r.prompt_token_ids) for r in frontend.requests[num_before:]]
+    warmup, first, second = sent[:3], sent[3:8], sent[8:]
+    assert len(second) == 5
+    assert not (set(warmup) & set(first)) and not (set(first) & set(second))
+    assert not {p[:8] for p in first} & {p[:8] for p in second}  # no shared prefix either
+    assert sorted(map(len, first)) == sorted(map(len, second))
+
+
 def test_http_errors_are_counted_and_reported(http_server, tmp_path, capsys):
     url, _ = http_server
     out = tmp_path / "bad.json"
