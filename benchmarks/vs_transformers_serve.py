@@ -62,7 +62,9 @@ def make_model(path: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def cluster_yaml(model: Path, cores: list[int], disaggregated: bool, http_port: int) -> dict:
+def cluster_yaml(
+    model: Path, cores: list[int], disaggregated: bool, http_port: int, colocated_threads: int = 0
+) -> dict:
     """A ``distserve serve`` config: colocated on both cores, or prefill/decode one core each."""
     config: dict[str, Any] = {
         "model": str(model),
@@ -75,11 +77,14 @@ def cluster_yaml(model: Path, cores: list[int], disaggregated: bool, http_port: 
         config["decode"] = {"instances": 1, "num_threads": 1, "cpu_cores": [[cores[1]]]}
         config["transfer"] = {"backend": "gloo"}
     else:
-        config["colocated"] = {"instances": 1, "num_threads": len(cores), "cpu_cores": [cores]}
+        threads = colocated_threads or len(cores)
+        config["colocated"] = {"instances": 1, "num_threads": threads, "cpu_cores": [cores]}
     return config
 
 
-def server_command(system: str, model: Path, cores: list[int], port: int, work: Path) -> list[str]:
+def server_command(
+    system: str, model: Path, cores: list[int], port: int, work: Path, colocated_threads: int = 0
+) -> list[str]:
     pin = ["taskset", "-c", ",".join(map(str, cores))]
     if system == "transformers-serve":
         return [
@@ -96,7 +101,7 @@ def server_command(system: str, model: Path, cores: list[int], port: int, work: 
             str(port),
         ]
     config_path = work / f"{system}.yaml"
-    config = cluster_yaml(model, cores, system == "distserve-1p1d", port)
+    config = cluster_yaml(model, cores, system == "distserve-1p1d", port, colocated_threads)
     config_path.write_text(yaml.safe_dump(config))
     return [
         *pin,
@@ -189,7 +194,7 @@ def bench_args(args: argparse.Namespace, system: str, url: str, out: Path) -> ar
 def run_system(args: argparse.Namespace, system: str, work: Path) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = server_command(system, args.model, args.cores, port, work)
+    cmd = server_command(system, args.model, args.cores, port, work, args.colocated_threads)
     print(f"\n== {system}: {' '.join(cmd)}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(len(args.cores))}
     with open(work / f"{system}.log", "w") as log:
@@ -247,6 +252,12 @@ def main() -> int:
     p.add_argument("--ttft-slo", type=float, default=2.0)
     p.add_argument("--tpot-slo", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--colocated-threads",
+        type=int,
+        default=0,
+        help="torch threads of the colocated instance (default: one per core)",
+    )
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=Path("vs_transformers_serve.json"))
