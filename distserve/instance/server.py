@@ -27,6 +27,7 @@ from distserve.engine.llm_engine import InstanceTransferResult, LLMEngine
 from distserve.engine.request import Request
 from distserve.engine.role_schedulers import PrefillScheduler
 from distserve.instance.engine_loop import EngineLoop
+from distserve.instance.registration import GRPC_OPTIONS, RegistrationRefused, register
 from distserve.instance.roles import DecodeRole, PrefillRole, PullInfo, RoleHandler
 from distserve.instance.servicer import InstanceServicer
 from distserve.protocol import layout_to_proto, model_fingerprint
@@ -34,15 +35,6 @@ from distserve.router.metrics import InstanceMetrics
 from distserve.transfer import TransferDescriptor
 
 logger = logging.getLogger(__name__)
-
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-]
-
-
-class RegistrationRefused(RuntimeError):
-    """The router refused this instance (incompatible model or KV layout, duplicate id)."""
 
 
 @dataclass(frozen=True)
@@ -152,23 +144,9 @@ class InstanceRuntime:
         )
 
     async def register(self) -> None:
-        from distserve._proto import instance_pb2_grpc as pb
-
-        stub = pb.RegistryStub(self._channel(self.options.router_address))
-        for attempt in range(600):
-            try:
-                reply = await stub.Register(self.descriptor(), timeout=5)
-                break
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                if attempt % 20 == 0:
-                    logger.info("waiting for the router at %s", self.options.router_address)
-                await asyncio.sleep(0.25)
-        else:
-            raise RegistrationRefused(f"router at {self.options.router_address} never answered")
-        if not reply.accepted:
-            raise RegistrationRefused(reply.reason)
+        address = self.options.router_address
+        assert address
+        await register(self._channel(address), self.descriptor(), address)
 
     async def heartbeat_forever(self) -> None:
         from distserve._proto import instance_pb2_grpc as pb

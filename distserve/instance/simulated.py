@@ -49,6 +49,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from distserve._proto import instance_pb2, instance_pb2_grpc
 from distserve.engine.block_hash import block_hashes
 from distserve.engine.kv_spec import KVCacheSpec
+from distserve.instance.registration import GRPC_OPTIONS, RegistrationRefused, register
 from distserve.protocol import (
     layout_mismatch,
     layout_to_proto,
@@ -57,15 +58,6 @@ from distserve.protocol import (
 )
 
 logger = logging.getLogger(__name__)
-
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-]
-
-
-class RegistrationRefused(RuntimeError):
-    """The router refused this simulated instance (another model or KV layout)."""
 
 
 @dataclass(frozen=True)
@@ -172,19 +164,9 @@ class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
         )
 
     async def register(self) -> None:
-        stub = instance_pb2_grpc.RegistryStub(self._channel(self.options.router_address))
-        for _ in range(200):
-            try:
-                reply = await stub.Register(self.descriptor(), timeout=5)
-                break
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                await asyncio.sleep(0.25)
-        else:
-            raise RegistrationRefused(f"router at {self.options.router_address} never answered")
-        if not reply.accepted:
-            raise RegistrationRefused(reply.reason)
+        address = self.options.router_address
+        assert address
+        await register(self._channel(address), self.descriptor(), address)
 
     async def _heartbeat_forever(self) -> None:
         stub = instance_pb2_grpc.RegistryStub(self._channel(self.options.router_address))
