@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +97,9 @@ class SimSettings:
     max_decode_batch: int = 256  # decode.max_num_seqs (and colocated)
     colocated_token_budget: int = 512  # colocated.max_num_batched_tokens (chunked prefill)
     policy: str = "least_load"  # router policy (the YAML's router.policy)
+    # Decode and PullKV RPCs between a prefill's first token and its pull reaching the prefill
+    # instance (used where the profiled engine takes pulls between steps: ours)
+    pull_rtt_s: float = 0.001
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,14 @@ class Evaluator:
             tuple(specs),
             kv_bytes_per_token=self.model.kv_bytes_per_token,
             transfer_bandwidth_bytes_per_s=p.transfer_bytes_per_s,
+            **self._pull_options(),
         )
+
+    def _pull_options(self) -> dict[str, Any]:
+        return {
+            "pulls_between_steps": self.model.pulls_between_steps,
+            "pull_rtt_s": self.settings.pull_rtt_s if self.model.pulls_between_steps else 0.0,
+        }
 
     # ---- running ---------------------------------------------------------------------------
     def run(self, p: Placement, rate: float) -> SimResult:
@@ -212,6 +223,7 @@ class Evaluator:
             (source, self.instance("decode", cfg)),
             kv_bytes_per_token=self.model.kv_bytes_per_token,
             transfer_bandwidth_bytes_per_s=bytes_per_s,
+            **self._pull_options(),
         )
         return self.measure(self._simulate(cluster, self.workload, rate)).tpot
 

@@ -88,6 +88,9 @@ class ModelProfile:
     max_model_len: int | None = None
     kv_cache_memory_gib: float | None = None  # CPU profiles: the KV budget per rank measured
     capacity_table: dict[tuple[int, int], int] = field(default_factory=dict)  # extra (tp, pp)
+    # The profiled engine takes KV pulls only between two steps (ours; see
+    # ClusterSpec.pulls_between_steps). DistServe's data: False.
+    pulls_between_steps: bool = False
 
     @property
     def tps(self) -> list[int]:
@@ -255,6 +258,7 @@ def profile_from_dict(data: dict[str, Any]) -> HardwareProfile:
             path=m.get("path"),
             max_model_len=m.get("max_model_len"),
             kv_cache_memory_gib=m.get("kv_cache_memory_gib"),
+            pulls_between_steps=bool(m.get("pulls_between_steps", True)),  # our engine's way
         )
     return HardwareProfile(
         models=models,
@@ -277,6 +281,7 @@ def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
             "kv_bytes_per_token": m.kv_bytes_per_token,
             "max_model_len": m.max_model_len,
             "kv_cache_memory_gib": m.kv_cache_memory_gib,
+            "pulls_between_steps": m.pulls_between_steps,
             "configs": [
                 {
                     "tp": c.tp,

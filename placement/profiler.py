@@ -281,6 +281,7 @@ def run_profiler(opts: ProfileOptions) -> tuple[HardwareProfile, str]:
         path=str(Path(opts.model_path).resolve()),
         max_model_len=int(info["max_model_len"]),
         kv_cache_memory_gib=opts.kv_cache_gib if device == "cpu" else None,
+        pulls_between_steps=True,  # our engine thread takes KV pulls between steps
     )
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({len(cores)} cores)"
     profile = HardwareProfile(

@@ -27,7 +27,8 @@ from placement.simulator.request import SimRequest
 from placement.simulator.result import SimResult
 from placement.simulator.spec import ClusterSpec
 
-_STEP_DONE, _TRANSFER_DONE, _STAGE_FREE = 0, 1, 2  # event kinds; arrivals sort after all three
+# event kinds; arrivals sort after all of them
+_PULL_ARRIVES, _STEP_DONE, _TRANSFER_DONE, _STAGE_FREE = -1, 0, 1, 2
 
 
 def route_request(w: WorkloadRequest, expected_output_tokens: int | None = None) -> RouteRequest:
@@ -66,6 +67,7 @@ class _Sim:
         self.rejected: list[str] = []
         self.decision_s: list[float] = []
         self.min_capacity = min(i.pool.capacity_blocks for i in self.instances.values())
+        self.between_steps = cluster.pulls_between_steps
         for inst in self.instances.values():
             policy.add_instance(inst.instance_id, inst.role, inst.pool.capacity_blocks)
         # the policy's entry points, called directly unless every call is traced
@@ -114,13 +116,19 @@ class _Sim:
             now, kind, _, payload = pop(events)
             if kind == _STEP_DONE:
                 inst = payload[0]
-                if inst.role == "decode" and inst.continue_decoding(payload[1]):
+                if (
+                    inst.role == "decode"
+                    and not (self.between_steps and inst.pending)
+                    and inst.continue_decoding(payload[1])
+                ):
                     self.seq += 1  # what step_done → kick would push, in the same order
                     push(events, (now + payload[1].latency_s, _STEP_DONE, self.seq, payload))
                 else:
                     step_done(inst, payload[1], now)
             elif kind == _TRANSFER_DONE:
                 transfer_done(payload, now)
+            elif kind == _PULL_ARRIVES:
+                self.pull_arrives(payload, now)
             else:
                 payload.stage_free()
                 kick(payload, now)
@@ -158,6 +166,10 @@ class _Sim:
     def step_done(self, inst: SimInstance, plan: StepPlan, now: float) -> None:
         prefilled, finished = inst.finish_step(plan)
         self.flush(inst, now)
+        if inst.deferred_pulls:  # served between this step and the next
+            pulls, inst.deferred_pulls = inst.deferred_pulls, []
+            for r in pulls:
+                self.start_transfer(r, now)
         for r in prefilled:
             r.first_token_s = now
             self.on_prefill_done(r.w.request_id, now, now - r.w.arrival_s)
@@ -177,18 +189,39 @@ class _Sim:
             self.admit_decode(decode, now)
         for r in finished:
             self.finish(r, now)
-        if finished and inst.role == "decode":
+        if inst.role == "decode" and (finished or (self.between_steps and inst.pending)):
             self.admit_decode(inst, now)
         self.kick(inst, now)
 
     def admit_decode(self, decode: SimInstance, now: float) -> None:
+        if self.between_steps:
+            if decode.is_busy:
+                return  # admitted when its step ends (step_done)
+            rtt = self.cluster.pull_rtt_s
+            for r in decode.admit_pending():
+                if rtt > 0:
+                    self.push(now + rtt, _PULL_ARRIVES, r)
+                else:
+                    self.pull_arrives(r, now)
+            return
         for r in decode.admit_pending():
-            dt = kv_transfer_s(
-                r.prompt_len,
-                self.cluster.kv_bytes_per_token,
-                self.cluster.transfer_bandwidth_bytes_per_s,
-            )
-            self.push(now + dt, _TRANSFER_DONE, r)
+            self.start_transfer(r, now)
+
+    def pull_arrives(self, r: SimRequest, now: float) -> None:
+        """Our engine: the pull reaches the prefill instance, which serves it between steps."""
+        prefill = self.instances[r.prefill_id]
+        if prefill.is_busy:
+            prefill.deferred_pulls.append(r)
+        else:
+            self.start_transfer(r, now)
+
+    def start_transfer(self, r: SimRequest, now: float) -> None:
+        dt = kv_transfer_s(
+            r.prompt_len,
+            self.cluster.kv_bytes_per_token,
+            self.cluster.transfer_bandwidth_bytes_per_s,
+        )
+        self.push(now + dt, _TRANSFER_DONE, r)
 
     def transfer_done(self, r: SimRequest, now: float) -> None:
         prefill = self.instances[r.prefill_id]

@@ -63,6 +63,7 @@ class SimInstance:
         self.prefilling: list[SimRequest] = []
         self.pending: deque[SimRequest] = deque()  # decode: waiting for memory
         self.num_transferring = 0
+        self.deferred_pulls: list[SimRequest] = []  # prefill: pulls that wait for the step's end
         self.joining: list[SimRequest] = []
         self._decoding: list[tuple[int, int, SimRequest]] = []  # (last step, seq, request) heap
         self._seq = 0

@@ -60,6 +60,13 @@ class ClusterSpec:
     instances: tuple[InstanceSpec, ...]
     kv_bytes_per_token: float = OPT_13B_KV_BYTES_PER_TOKEN
     transfer_bandwidth_bytes_per_s: float = 100e9  # per prefill→decode pair, no contention
+    # How a KV pull meets the engines' step loops. False (DistServe's model): the transfer starts
+    # as soon as the decode instance has room for the request. True (our engine, whose engine
+    # thread takes requests and pulls only between two steps): the decode instance admits the
+    # request at the end of its current step, the pull then needs ``pull_rtt_s`` (the Decode and
+    # PullKV RPCs) to reach the prefill instance, which serves it at the end of its current step.
+    pulls_between_steps: bool = False
+    pull_rtt_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -81,6 +88,8 @@ class ClusterSpec:
             raise ValueError("prefill instances need at least one decode instance")
         if self.transfer_bandwidth_bytes_per_s <= 0:
             raise ValueError("transfer_bandwidth_bytes_per_s must be positive")
+        if not self.pull_rtt_s >= 0:
+            raise ValueError(f"pull_rtt_s must be >= 0, got {self.pull_rtt_s}")
 
     @property
     def num_gpus(self) -> int:

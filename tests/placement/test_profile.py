@@ -145,6 +145,32 @@ def test_micro_batching_flag_round_trips(tmp_path: Path) -> None:
     assert not load_profile(tmp_path / "p.json").model("tiny").latency(1, 2).micro_batched
 
 
+def test_our_engine_takes_pulls_between_steps_and_distserves_does_not(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from placement.evaluate import SLO, Evaluator, PhaseConfig, Placement
+    from placement.workload import from_lengths
+
+    profile = _ours()
+    save_profile(profile, tmp_path / "p.json")
+    raw = json.loads((tmp_path / "p.json").read_text())
+    del raw["models"]["tiny"]["pulls_between_steps"]  # written before the flag existed
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    ours = load_profile(tmp_path / "old.json").model("tiny")
+    assert ours.pulls_between_steps  # every profile in our format comes from our engine
+    assert not replace(ours, pulls_between_steps=False).pulls_between_steps
+
+    import numpy as np
+
+    workload = from_lengths("w", np.array([64, 64]), np.array([4, 4]), seed=0)
+    placement = Placement(PhaseConfig(1, 1), 1, PhaseConfig(1, 1), 1)
+    cluster = Evaluator(ours, workload, SLO(1.0, 1.0)).cluster(placement)
+    assert cluster.pulls_between_steps and cluster.pull_rtt_s > 0
+    theirs = replace(ours, pulls_between_steps=False)
+    cluster = Evaluator(theirs, workload, SLO(1.0, 1.0)).cluster(placement)
+    assert not cluster.pulls_between_steps and cluster.pull_rtt_s == 0
+
+
 def test_distserve_format_is_recognised(tmp_path: Path) -> None:
     entry = {
         "prefill": list(TRUE.prefill),
@@ -161,6 +187,7 @@ def test_distserve_format_is_recognised(tmp_path: Path) -> None:
     assert p.source_format == "distserve" and m.kv_bytes_per_token == 2 * 40 * 5120 * 2
     assert m.kv_capacity(1, 2) == 163008 and m.kv_capacity(1, 4) is None
     assert m.latency(1).prefill == TRUE.prefill
+    assert not m.pulls_between_steps
     with pytest.raises(ValueError, match="model 'opt-7b' is not in the profile"):
         p.model("opt-7b")
 

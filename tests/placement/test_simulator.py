@@ -209,3 +209,77 @@ def test_an_instance_snapshot_is_a_complete_instance_load() -> None:
         "prefill-0", "prefill", total_kv_blocks=inst.pool.capacity_blocks,
         free_kv_blocks=inst.pool.num_free,
     )  # fmt: skip
+
+
+def _between_steps(rtt_s: float) -> ClusterSpec:
+    return ClusterSpec.disaggregated(
+        1,
+        1,
+        kv_bytes_per_token=BYTES,
+        transfer_bandwidth_bytes_per_s=BW,
+        pulls_between_steps=True,
+        pull_rtt_s=rtt_s,
+    )
+
+
+def test_our_engine_serves_a_pull_only_between_prefill_steps() -> None:
+    """r1's pull reaches the prefill instance while it computes r2's prompt: the transfer
+    starts when that step ends, not when the decode instance had room (DistServe's model)."""
+    rtt = 0.001
+    # a budget of one prompt per step: r1's step, then r2's (r2 needs no decode)
+    reqs = [
+        wreq("r1", 0.0, 512, 3, list(range(32))),
+        wreq("r2", 0.0, 512, 1, list(range(100, 132))),
+    ]
+    step1 = step2 = LAT.prefill_ms([512]) / 1e3
+    transfer = 512 * BYTES / BW
+    base = {
+        r.request_id: r
+        for r in simulate(cluster(max_prefill_tokens=512), reqs, "round_robin").records
+    }
+    ours = {
+        r.request_id: r
+        for r in simulate(
+            ClusterSpec.disaggregated(
+                1,
+                1,
+                prefill=InstanceSpec("prefill", max_prefill_tokens=512),
+                kv_bytes_per_token=BYTES,
+                transfer_bandwidth_bytes_per_s=BW,
+                pulls_between_steps=True,
+                pull_rtt_s=rtt,
+            ),
+            reqs,
+            "round_robin",
+        ).records
+    }
+    assert base["r1"].ttft_s == ours["r1"].ttft_s == pytest.approx(step1)
+    assert ours["r2"].ttft_s == pytest.approx(step1 + step2)
+    decode_steps = (LAT.decode_ms(1, 513) + LAT.decode_ms(1, 514)) / 1e3
+    # DistServe's model: r1's KV moves right after its prefill
+    assert base["r1"].finish_s == pytest.approx(step1 + transfer + decode_steps)
+    # ours: the pull arrives rtt later, mid r2's step, and waits for that step to end
+    assert ours["r1"].finish_s == pytest.approx(step1 + step2 + transfer + decode_steps)
+
+
+def test_our_engine_admits_a_decode_request_at_the_end_of_its_step() -> None:
+    """r2's prompt is done while the decode instance runs r1's step: its pull starts only when
+    that decode step ends (plus the RPC time), and it joins the next step after its KV."""
+    rtt = 0.002
+    reqs = [
+        wreq("r1", 0.0, 512, 50, list(range(32))),
+        wreq("r2", 0.2, 512, 3, list(range(100, 132))),
+    ]
+    result = simulate(_between_steps(rtt), reqs, "round_robin")
+    r2 = {r.request_id: r for r in result.records}["r2"]
+    base = {r.request_id: r for r in simulate(cluster(), reqs, "round_robin").records}["r2"]
+    assert r2.ttft_s == pytest.approx(base.ttft_s)
+    # later than DistServe's model by at least the RPC time and at most one decode step more
+    one_step = LAT.decode_ms(2, 2 * 600) / 1e3
+    delay = (r2.finish_s - r2.ttft_s) - (base.finish_s - base.ttft_s)
+    assert rtt <= delay <= rtt + 2 * one_step + 1e-9
+
+
+def test_pull_rtt_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="pull_rtt_s"):
+        _between_steps(-1.0)
