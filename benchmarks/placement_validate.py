@@ -16,12 +16,15 @@ Stages (each result is kept in ``--workdir``; a rerun skips what exists, ``--fre
              (``placement_validate_sim.py``); measured goodput, disaggregated vs colocated;
              prints a table and writes JSON
 
-The router and the bench client are not pinned: they share the two cores with the instances
-(and with anything else running on the machine, whose load average is recorded). How much of
-the cores the instances actually got is recorded too: per rank process, the CPU time its
-threads ran and the time they were runnable but waited for a core (``/proc/<pid>/task/*/
-schedstat``) during each bench run — ``cpu_share`` = ran / (ran + waited); well below 1 means
-other processes took the instances' cores and the measured latencies are not the profile's.
+The router and the bench client are not pinned: they share the two cores with the instances.
+The cores stand for devices, which host processes never use, so by default the router and the
+client run at nice 19 (``--host-nice``; their autogroups') and get a core only where an instance
+leaves it idle. How much of the cores each process actually got is recorded during every bench
+run: per rank process, the CPU time its threads ran and the time they were runnable but waited
+for a core (``/proc/<pid>/task/*/schedstat``), for all its threads and for the engine thread
+alone (``cpu_share`` = ran / (ran + waited); well below 1 means something else had the core and
+the measured latencies are not the profile's); and the CPU time the router, the bench client and
+the instances' other threads (gRPC, transfers) used per request.
 Each row also splits a request's TPOT: the first gap (first token → second token: for the
 disaggregated cluster the hand-off — Decode RPC, KV pull, joining the batch) and the median
 of the remaining inter-token gaps.
@@ -32,9 +35,11 @@ of the remaining inter-token gaps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -180,9 +185,11 @@ def stage_bench(
         (paths[1], rates, args.num_prompts),
     )
     with LocalCluster(config, log_dir=work / "logs" / name, log_level="WARNING") as cluster:
+        if args.host_nice:
+            lower_priority(cluster.router.pid, args.host_nice)
         for path, sweep, n in runs:
             load_before = os.getloadavg()
-            sched_before = rank_schedstats(cluster.ranks)
+            cpu_before = cpu_snapshot(cluster)
             cmd = [
                 sys.executable, "-m", "distserve.cli", "bench",
                 "--endpoint", f"grpc://{cluster.grpc_address}", "--dataset", "random",
@@ -193,39 +200,92 @@ def stage_bench(
                 "--num-devices", "2", "--warmup-requests", str(args.warmup_requests), "--save-requests",
                 "--disable-tqdm", "--out", str(path) + ".partial",
             ]  # fmt: skip
-            subprocess.run(cmd, check=True)
+            client = subprocess.Popen(cmd, start_new_session=True)
+            if args.host_nice:
+                lower_priority(client.pid, args.host_nice)
+            if client.wait() != 0:
+                raise SystemExit(f"distserve bench failed (exit {client.returncode})")
             report = json.loads(Path(str(path) + ".partial").read_text())
             report["load_avg"] = {"before": load_before, "after": os.getloadavg()}
-            report["rank_cpu"] = rank_cpu(sched_before, rank_schedstats(cluster.ranks))
+            num = sum(len(r.get("requests", [])) for r in report["results"])
+            num += args.warmup_requests
+            report["rank_cpu"] = cpu_use(cpu_before, cpu_snapshot(cluster), num)
             path.write_text(json.dumps(report, indent=1))
             os.unlink(str(path) + ".partial")
     return json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
 
 
-def rank_schedstats(ranks: list[subprocess.Popen]) -> dict[str, tuple[int, int]]:
-    """Per rank process: (ns its threads ran, ns they waited runnable for a core), summed."""
+def lower_priority(pid: int, nice: int) -> None:
+    """Give a host process (router, bench client) less of a core than the instances.
+
+    With the kernel's autogroups (one per session: every process here starts its own) nice
+    values only rank threads inside a group, so the group's own nice value is set; without
+    them, every thread's."""
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    try:
+        autogroup.write_text(str(nice))
+    except OSError:
+        pass
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+
+
+def thread_schedstats(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of ``pid``: (ns it ran, ns it waited runnable for a core)."""
     out = {}
-    for i, proc in enumerate(ranks):
-        ran = waited = 0
-        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
-            try:
-                fields = (task / "schedstat").read_text().split()
-            except OSError:  # a thread that just ended
-                continue
-            ran, waited = ran + int(fields[0]), waited + int(fields[1])
-        out[f"rank{i}"] = (ran, waited)
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:  # a thread that just ended
+            continue
+        out[int(task.name)] = (int(fields[0]), int(fields[1]))
     return out
 
 
-def rank_cpu(
-    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
-) -> dict[str, dict[str, float]]:
-    """What each rank got during one bench run (threads that ended in between are not counted)."""
-    out = {}
-    for rank, (ran, waited) in after.items():
-        ran_s, waited_s = (ran - before[rank][0]) / 1e9, (waited - before[rank][1]) / 1e9
-        share = ran_s / (ran_s + waited_s) if ran_s + waited_s > 0 else float("nan")
-        out[rank] = {"ran_s": ran_s, "waited_s": waited_s, "cpu_share": share}
+def cpu_snapshot(cluster: Any) -> dict[str, Any]:
+    """Scheduler counters of every rank's threads and of the router, and the children's CPU."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "ranks": {f"rank{i}": thread_schedstats(p.pid) for i, p in enumerate(cluster.ranks)},
+        "router": thread_schedstats(cluster.router.pid),
+        "children_cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+
+
+def cpu_use(before: dict[str, Any], after: dict[str, Any], num_requests: int) -> dict[str, Any]:
+    """What each process got during one bench run.
+
+    Per rank: all its threads (``cpu_share`` = ran / (ran + waited runnable)), and its engine
+    thread alone (the thread that ran most) with the CPU its other threads (gRPC, transfers)
+    used meanwhile. ``router_cpu_s`` and ``client_cpu_s`` (the bench process, the only child
+    that ended in between) are what the unpinned host processes took from the two cores."""
+
+    def delta(
+        b: dict[int, tuple[int, int]], a: dict[int, tuple[int, int]]
+    ) -> dict[int, tuple[float, float]]:
+        return {
+            tid: ((ran - b.get(tid, (0, 0))[0]) / 1e9, (waited - b.get(tid, (0, 0))[1]) / 1e9)
+            for tid, (ran, waited) in a.items()
+        }
+
+    def share(ran: float, waited: float) -> float:
+        return ran / (ran + waited) if ran + waited > 0 else float("nan")
+
+    out: dict[str, Any] = {"num_requests": num_requests}
+    for rank, threads in after["ranks"].items():
+        d = delta(before["ranks"][rank], threads)
+        ran, waited = sum(r for r, _ in d.values()), sum(w for _, w in d.values())
+        engine = max(d, key=lambda tid: d[tid][0]) if d else None
+        e_ran, e_waited = d[engine] if engine is not None else (0.0, 0.0)
+        out[rank] = {
+            "ran_s": ran, "waited_s": waited, "cpu_share": share(ran, waited),
+            "engine_ran_s": e_ran, "engine_waited_s": e_waited,
+            "engine_cpu_share": share(e_ran, e_waited), "other_threads_ran_s": ran - e_ran,
+        }  # fmt: skip
+    router = delta(before["router"], after["router"])
+    out["router_cpu_s"] = sum(r for r, _ in router.values())
+    out["client_cpu_s"] = after["children_cpu_s"] - before["children_cpu_s"]
     return out
 
 
@@ -262,6 +322,11 @@ def main() -> int:
     ap.add_argument("--ttft-slo", type=float, default=None, help="seconds (default: auto)")
     ap.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: auto)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--host-nice", type=int, default=19,
+        help="nice value of the router and bench client (autogroup): the instances' cores stand "
+        "for devices, the host processes should not take them (0: equal share)",
+    )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="quick profile, 3 rates, 40 prompts")
     ap.add_argument("--fresh", action="store_true", help="redo every stage")
     ap.add_argument("--out", default="results/placement_validate.json")
@@ -354,9 +419,20 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
               f"measured {shown} req/s ({s['measured_note']}); live overhead per step: prefill "
               f"{cal['prefill_overhead_ms']:.1f} ms, decode {cal['decode_overhead_ms']:.1f} ms")  # fmt: skip
         sweep = s["rank_cpu"]["sweep"] or {}
-        if sweep:
-            shares = ", ".join(f"{k} {v['cpu_share']:.2f}" for k, v in sweep.items())
+        ranks = {k: v for k, v in sweep.items() if k.startswith("rank")}
+        if ranks:
+            shares = ", ".join(
+                f"{k} {v['cpu_share']:.2f} (engine thread {v.get('engine_cpu_share', math.nan):.2f})"
+                for k, v in ranks.items()
+            )
             print(f"  cpu share the ranks got during the sweep (ran / runnable): {shares}")
+        if "router_cpu_s" in sweep and sweep["num_requests"]:
+            n = sweep["num_requests"]
+            print(f"  host CPU per request: router {1e3 * sweep['router_cpu_s'] / n:.1f} ms, "
+                  f"bench client {1e3 * sweep['client_cpu_s'] / n:.1f} ms; instance threads "
+                  "other than the engine's: " + ", ".join(
+                      f"{k} {1e3 * v['other_threads_ran_s'] / n:.1f} ms" for k, v in ranks.items()
+                  ))  # fmt: skip
 
 
 if __name__ == "__main__":
