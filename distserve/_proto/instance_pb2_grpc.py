@@ -209,6 +209,11 @@ class InstanceStub:
                 request_serializer=distserve_dot_v1_dot_instance__pb2.EngineRequest.SerializeToString,
                 response_deserializer=distserve_dot_v1_dot_instance__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/distserve.v1.Instance/Session',
+                request_serializer=distserve_dot_v1_dot_instance__pb2.SessionCalls.SerializeToString,
+                response_deserializer=distserve_dot_v1_dot_instance__pb2.SessionEvents.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/distserve.v1.Instance/Abort',
                 request_serializer=distserve_dot_v1_dot_instance__pb2.AbortRequest.SerializeToString,
@@ -235,7 +240,8 @@ class InstanceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Per-request RPCs: kept for the SDK, operators and tests; the router uses Session.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -248,6 +254,13 @@ class InstanceServicer:
 
     def Generate(self, request, context):
         """colocated role: both phases here
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """The router's multiplexed stream of Prefill / Decode / Generate requests (see SessionCall).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -294,6 +307,11 @@ def add_InstanceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=distserve_dot_v1_dot_instance__pb2.EngineRequest.FromString,
                     response_serializer=distserve_dot_v1_dot_instance__pb2.TokenChunk.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=distserve_dot_v1_dot_instance__pb2.SessionCalls.FromString,
+                    response_serializer=distserve_dot_v1_dot_instance__pb2.SessionEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -397,6 +415,33 @@ class Instance:
             '/distserve.v1.Instance/Generate',
             distserve_dot_v1_dot_instance__pb2.EngineRequest.SerializeToString,
             distserve_dot_v1_dot_instance__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/distserve.v1.Instance/Session',
+            distserve_dot_v1_dot_instance__pb2.SessionCalls.SerializeToString,
+            distserve_dot_v1_dot_instance__pb2.SessionEvents.FromString,
             options,
             channel_credentials,
             insecure,
