@@ -1,16 +1,19 @@
 """The ``Instance`` gRPC service of one instance's driver: requests in, tokens out, KV pulls.
 
-Handlers run on the asyncio loop and reach the engine only through :class:`EngineLoop`. Bad
+Handlers run on the asyncio loop and reach the engine only through :class:`EngineLoop`. The
+request logic (``prefill``, ``decode``, ``generate``) is written once and served two ways
+(``instance/session.py``): by the per-request RPCs and by the router's ``Session`` stream. Bad
 input is ``INVALID_ARGUMENT``; a call for another role is ``FAILED_PRECONDITION``; a request
-that fails inside (KV transfer, engine failure) ends its stream with ``UNAVAILABLE``. A caller
-that goes away (cancellation) aborts its request here, freeing its blocks.
+that fails inside (KV transfer, engine failure) ends with ``UNAVAILABLE``. A caller that goes
+away (a cancelled RPC, an ``abort`` entry on a session, a session that ends) aborts its request
+here, freeing its blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -18,6 +21,7 @@ import grpc
 from distserve._proto import instance_pb2, instance_pb2_grpc
 from distserve.instance.engine_loop import EngineLoop, StreamItem
 from distserve.instance.roles import DecodeRole, PrefillDone, PrefillRole, PullInfo, TransferStats
+from distserve.instance.session import CallError, call_error, serve_session, stream_call, unary_call
 from distserve.protocol import layout_mismatch, sampling_from_proto
 from distserve.transfer import TransferDescriptor
 
@@ -46,26 +50,21 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         self._stats = stats
 
     # ---- helpers -------------------------------------------------------------------------
-    async def _require_role(self, context: grpc.aio.ServicerContext, *roles: str) -> None:
+    def _require_role(self, *roles: str) -> None:
         if self.role not in roles:
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{self.instance_id} is a {self.role} instance"
             )
 
-    async def _admit(
-        self, context: grpc.aio.ServicerContext, request_id: str, add: Callable[[], Any]
-    ) -> asyncio.Queue:
+    async def _admit(self, request_id: str, add: Callable[[], Any]) -> asyncio.Queue:
         if not request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
         stream = self.loop.open_stream(request_id)
         try:
             await self.loop.call(add)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             self.loop.close_stream(request_id)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except RuntimeError as exc:
-            self.loop.close_stream(request_id)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise call_error(exc) from None
         return stream
 
     async def _abort_quietly(self, request_id: str) -> None:
@@ -75,7 +74,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             logger.debug("abort of %s failed", request_id, exc_info=True)
 
     async def _stream_tokens(
-        self, context: grpc.aio.ServicerContext, request_id: str, stream: asyncio.Queue[StreamItem]
+        self, request_id: str, stream: asyncio.Queue[StreamItem]
     ) -> AsyncIterator[instance_pb2.TokenChunk]:
         """One message per engine step's tokens; when this handler fell behind (several steps'
         items already queued), their tokens go out together in one message."""
@@ -92,7 +91,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                         if has_tokens:
                             yield chunk
                         finished = True
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, item.error)
+                        raise CallError(grpc.StatusCode.UNAVAILABLE, item.error)
                     if isinstance(item.payload, TransferStats):
                         chunk.transfer_s = item.payload.elapsed_s
                         chunk.transfer_bytes = item.payload.num_bytes
@@ -113,23 +112,21 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             if not finished:
                 await self._abort_quietly(request_id)
 
-    # ---- requests ------------------------------------------------------------------------
-    async def Prefill(
-        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.PrefillResponse:
-        await self._require_role(context, "prefill")
-        params = await _params(request, context)
+    # ---- request logic (raises CallError) ------------------------------------------------
+    async def prefill(self, request: instance_pb2.EngineRequest) -> instance_pb2.PrefillResponse:
+        self._require_role("prefill")
+        params = _params(request)
         rid = request.request_id
         ids = list(request.prompt_token_ids)
         stream = await self._admit(
-            context, rid, lambda: self.engine.add_request(rid, ids, params, request.client_id)
+            rid, lambda: self.engine.add_request(rid, ids, params, request.client_id)
         )
         done = False
         try:
             item = await stream.get()
             done = True
             if item.error:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, item.error)
+                raise CallError(grpc.StatusCode.UNAVAILABLE, item.error)
             response = instance_pb2.PrefillResponse(
                 request_id=rid,
                 first_token_id=item.token_ids[0],
@@ -156,16 +153,16 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             if not done:
                 await self._abort_quietly(rid)
 
-    async def Decode(
-        self, request: instance_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    async def decode(
+        self, request: instance_pb2.DecodeRequest
     ) -> AsyncIterator[instance_pb2.TokenChunk]:
-        await self._require_role(context, "decode")
+        self._require_role("decode")
         inner = request.request
-        params = await _params(inner, context)
+        params = _params(inner)
         kv = request.kv
         mismatch = layout_mismatch(self.layout, kv.layout)
         if mismatch:
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"KV layout of {kv.instance_id}: {mismatch}"
             )
         rid = inner.request_id
@@ -183,22 +180,48 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             )
             role.add(rid, info)
 
-        stream = await self._admit(context, rid, add)
-        async for chunk in self._stream_tokens(context, rid, stream):
+        stream = await self._admit(rid, add)
+        async for chunk in self._stream_tokens(rid, stream):
+            yield chunk
+
+    async def generate(
+        self, request: instance_pb2.EngineRequest
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        self._require_role("colocated")
+        params = _params(request)
+        rid = request.request_id
+        ids = list(request.prompt_token_ids)
+        stream = await self._admit(
+            rid, lambda: self.engine.add_request(rid, ids, params, request.client_id)
+        )
+        async for chunk in self._stream_tokens(rid, stream):
+            yield chunk
+
+    # ---- requests: per-request RPCs and the router's session ------------------------------
+    async def Prefill(
+        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
+    ) -> instance_pb2.PrefillResponse:
+        return await unary_call(self.prefill(request), context)
+
+    async def Decode(
+        self, request: instance_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        async for chunk in stream_call(self.decode(request), context):
             yield chunk
 
     async def Generate(
         self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[instance_pb2.TokenChunk]:
-        await self._require_role(context, "colocated")
-        params = await _params(request, context)
-        rid = request.request_id
-        ids = list(request.prompt_token_ids)
-        stream = await self._admit(
-            context, rid, lambda: self.engine.add_request(rid, ids, params, request.client_id)
-        )
-        async for chunk in self._stream_tokens(context, rid, stream):
+        async for chunk in stream_call(self.generate(request), context):
             yield chunk
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[instance_pb2.SessionCalls],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[instance_pb2.SessionEvents]:
+        async for events in serve_session(self, request_iterator):
+            yield events
 
     async def Abort(
         self, request: instance_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -215,7 +238,10 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     async def PullKV(
         self, request: instance_pb2.PullKVRequest, context: grpc.aio.ServicerContext
     ) -> instance_pb2.PullKVResponse:
-        await self._require_role(context, "prefill")
+        return await unary_call(self._pull_kv(request), context)
+
+    async def _pull_kv(self, request: instance_pb2.PullKVRequest) -> instance_pb2.PullKVResponse:
+        self._require_role("prefill")
         try:
             desc = TransferDescriptor(
                 transfer_id=request.transfer_id,
@@ -226,29 +252,30 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                 spec=self.engine.kv_spec,
             )
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         role: PrefillRole = self.handler  # type: ignore[assignment]
-        await _call(self.loop.call(lambda: role.pull(desc)), context)
+        try:
+            await self.loop.call(lambda: role.pull(desc))
+        except ValueError as exc:
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         return instance_pb2.PullKVResponse()
 
     async def ReleaseKV(
         self, request: instance_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
     ) -> instance_pb2.ReleaseKVResponse:
-        await self._require_role(context, "prefill")
+        return await unary_call(self._release_kv(request), context)
+
+    async def _release_kv(
+        self, request: instance_pb2.ReleaseKVRequest
+    ) -> instance_pb2.ReleaseKVResponse:
+        self._require_role("prefill")
         role: PrefillRole = self.handler  # type: ignore[assignment]
         found = await self.loop.call(lambda: role.release(request.transfer_id))
         return instance_pb2.ReleaseKVResponse(found=bool(found))
 
 
-async def _params(request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext) -> Any:
+def _params(request: instance_pb2.EngineRequest) -> Any:
     try:
         return sampling_from_proto(request.sampling)
     except ValueError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-
-async def _call(awaitable: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
-    try:
-        return await awaitable
-    except ValueError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None

@@ -5,8 +5,8 @@ the model: the router's request path (benchmarks/router_throughput.py), routing 
 protocol. To the router it is indistinguishable from a real driver:
 
     SimulatedInstance(options)
-        ├─ grpc.aio server: Instance service (Prefill, Decode, Generate, Abort, GetStats,
-        │                   PullKV, ReleaseKV) + grpc.health.v1
+        ├─ grpc.aio server: Instance service (Session, Prefill, Decode, Generate, Abort,
+        │                   GetStats, PullKV, ReleaseKV) + grpc.health.v1
         ├─ Register with the router: the checkpoint's fingerprint and KV layout, as a real
         │  instance computes them from the same folder (no weights are loaded)
         └─ every heartbeat: Report(load + prefix-cache events); re-register if forgotten
@@ -20,6 +20,10 @@ What it simulates, per request:
               instance pulls; ``pull_kv=False`` skips it) ─▶ (max_tokens - 1) tokens, one per
               chunk, each after decode_delay_s
     Generate  (colocated) both of the above on one instance, without the lease
+
+Prefill, Decode and Generate answer the same on their own RPCs and on the router's Session
+stream (``instance/session.py`` serves both from the methods ``prefill``, ``decode`` and
+``generate``); an abort entry or a cancelled call frees the request's simulated blocks.
 
 Output tokens are the prompt's own tokens, repeated: always valid ids of the checkpoint's
 vocabulary. Nothing here is real about time or memory except what the options say; it never
@@ -50,6 +54,7 @@ from distserve._proto import instance_pb2, instance_pb2_grpc
 from distserve.engine.block_hash import block_hashes
 from distserve.engine.kv_spec import KVCacheSpec
 from distserve.instance.registration import GRPC_OPTIONS, RegistrationRefused, register
+from distserve.instance.session import CallError, serve_session, stream_call, unary_call
 from distserve.protocol import (
     layout_mismatch,
     layout_to_proto,
@@ -247,37 +252,33 @@ class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
                 return
             yield token, "length" if i == max_tokens - 1 else ""
 
-    # ---- Instance service ----------------------------------------------------------------
-    async def _check(
-        self, context: grpc.aio.ServicerContext, request: instance_pb2.EngineRequest, *roles: str
-    ) -> object:
+    # ---- request logic (raises CallError; shared by the RPCs and the Session stream) -------
+    def _check(self, request: instance_pb2.EngineRequest, *roles: str) -> object:
         if self.options.role not in roles:
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{self.options.instance_id} is a {self.options.role} instance",
             )
         try:
             params = sampling_from_proto(request.sampling)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if not request.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
         ids = request.prompt_token_ids
         if not ids or len(ids) >= self.max_model_len:
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt of {len(ids)} tokens does not fit a context of {self.max_model_len}",
             )
         if request.request_id in self._running:
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"request {request.request_id} already exists"
             )
         return params
 
-    async def Prefill(
-        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.PrefillResponse:
-        params = await self._check(context, request, "prefill")
+    async def prefill(self, request: instance_pb2.EngineRequest) -> instance_pb2.PrefillResponse:
+        params = self._check(request, "prefill")
         rid, ids = request.request_id, list(request.prompt_token_ids)
         num_blocks = self._num_blocks(len(ids))
         self._running[rid] = num_blocks
@@ -309,19 +310,19 @@ class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
             self._running.pop(rid, None)
             self._aborted.discard(rid)
 
-    async def Decode(
-        self, request: instance_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    async def decode(
+        self, request: instance_pb2.DecodeRequest
     ) -> AsyncIterator[instance_pb2.TokenChunk]:
         inner, kv = request.request, request.kv
-        params = await self._check(context, inner, "decode")
+        params = self._check(inner, "decode")
         mismatch = layout_mismatch(self.layout, kv.layout)
         if mismatch:
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"KV layout of {kv.instance_id}: {mismatch}"
             )
         rid, ids = inner.request_id, list(inner.prompt_token_ids)
         if kv.num_blocks != self._num_blocks(len(ids)):
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"KV handle has {kv.num_blocks} blocks for a {len(ids)}-token prompt",
             )
@@ -330,7 +331,7 @@ class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
             chunk = instance_pb2.TokenChunk(request_id=rid)
             if self.options.pull_kv:
                 start = time.monotonic()
-                await self._pull(kv, context)
+                await self._pull(kv)
                 chunk.transfer_s = time.monotonic() - start
                 chunk.transfer_bytes = kv.num_blocks * self.kv_spec.block_bytes()
             async for token, finish_reason in self._tokens(rid, ids, params, 1):
@@ -343,7 +344,7 @@ class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
             self._running.pop(rid, None)
             self._aborted.discard(rid)
 
-    async def _pull(self, kv: instance_pb2.KVHandle, context: grpc.aio.ServicerContext) -> None:
+    async def _pull(self, kv: instance_pb2.KVHandle) -> None:
         stub = instance_pb2_grpc.InstanceStub(self._channel(kv.address))
         request = instance_pb2.PullKVRequest(
             transfer_id=kv.transfer_id,
@@ -355,15 +356,15 @@ class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
         try:
             await stub.PullKV(request, timeout=30)
         except grpc.aio.AioRpcError as exc:
-            await context.abort(
+            raise CallError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"KV transfer {kv.transfer_id} failed: {exc.code().name}: {exc.details()}",
-            )
+            ) from None
 
-    async def Generate(
-        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
+    async def generate(
+        self, request: instance_pb2.EngineRequest
     ) -> AsyncIterator[instance_pb2.TokenChunk]:
-        params = await self._check(context, request, "colocated")
+        params = self._check(request, "colocated")
         rid, ids = request.request_id, list(request.prompt_token_ids)
         self._running[rid] = self._num_blocks(len(ids))
         try:
@@ -385,6 +386,32 @@ class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
         finally:
             self._running.pop(rid, None)
             self._aborted.discard(rid)
+
+    # ---- Instance service ----------------------------------------------------------------
+    async def Prefill(
+        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
+    ) -> instance_pb2.PrefillResponse:
+        return await unary_call(self.prefill(request), context)
+
+    async def Decode(
+        self, request: instance_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        async for chunk in stream_call(self.decode(request), context):
+            yield chunk
+
+    async def Generate(
+        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        async for chunk in stream_call(self.generate(request), context):
+            yield chunk
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[instance_pb2.SessionCalls],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[instance_pb2.SessionEvents]:
+        async for events in serve_session(self, request_iterator):
+            yield events
 
     async def Abort(
         self, request: instance_pb2.AbortRequest, context: grpc.aio.ServicerContext
