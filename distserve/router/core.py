@@ -1,14 +1,17 @@
 """The router core: takes each request through prefill and decode (or one colocated instance).
 
     generate(FrontRequest)
-      validate + tokenize ─▶ block hashes ─▶ policy.choose_prefill ─▶ Prefill RPC
-        ─▶ first token (TTFT) ─▶ policy.choose_decode ─▶ Decode stream ─▶ tokens
+      validate + tokenize ─▶ block hashes ─▶ policy.choose_prefill ─▶ prefill
+        ─▶ first token (TTFT) ─▶ policy.choose_decode ─▶ decode ─▶ tokens
         ─▶ incremental detokenization + stop strings ─▶ FrontChunk stream
+
+Prefill, decode and (colocated) generate go to an instance over the router's session with it
+(``session.py``: one multiplexed stream per instance), each bounded by ``rpc_timeout_s``.
 
 Failures: a prefill instance that is unreachable is retried on another one; bad input is
 :class:`InvalidRequestError`; anything else that stops a request is :class:`ServiceError` with
-what failed. Closing the stream early (client gone, stop string hit) cancels the in-flight RPC,
-which aborts the request on that instance, and releases a KV lease nobody will pull.
+what failed. Closing the stream early (client gone, stop string hit) aborts the request on the
+instance serving it (an abort entry on the session), and releases a KV lease nobody will pull.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from distserve.engine.detokenizer import IncrementalDetokenizer
 from distserve.protocol import sampling_to_proto
 from distserve.router.policies.base import RouteRequest, RoutingPolicy
 from distserve.router.registry import InstanceRecord, InstanceRegistry
+from distserve.router.session import SessionCallError
 from distserve.router.types import (
     FrontChunk,
     FrontRequest,
@@ -309,10 +313,9 @@ class _Run:
             self.routed = True
             record = core.registry.instances[chosen]
             self.prefill_id = chosen
-            call = record.stub.Prefill(self.req, timeout=core.rpc_timeout_s)
             try:
-                return await call
-            except grpc.aio.AioRpcError as exc:
+                return await record.session.prefill(self.req, core.rpc_timeout_s)
+            except SessionCallError as exc:
                 _raise_invalid(exc)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise ServiceError(
@@ -324,9 +327,6 @@ class _Run:
                     exc.details(),
                 )
                 tried.add(chosen)
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
 
     async def disaggregated(self) -> AsyncIterator[FrontChunk]:
         core = self.core
@@ -351,13 +351,13 @@ class _Run:
         )
         self.decode_id = chosen
         record = core.registry.instances[chosen]
-        call = record.stub.Decode(
+        chunks = record.session.decode(
             instance_pb2.DecodeRequest(
                 request=self.req, first_token_id=prefill.first_token_id, kv=prefill.kv
             ),
-            timeout=core.rpc_timeout_s,
+            core.rpc_timeout_s,
         )
-        async for chunk in self._stream(call, f"decode on {chosen}"):
+        async for chunk in self._stream(chunks, f"decode on {chosen}"):
             yield chunk
 
     async def colocated(self) -> AsyncIterator[FrontChunk]:
@@ -368,18 +368,20 @@ class _Run:
         )
         self.routed = True
         self.prefill_id = self.decode_id = chosen
-        call = core.registry.instances[chosen].stub.Generate(self.req, timeout=core.rpc_timeout_s)
+        chunks = core.registry.instances[chosen].session.generate(self.req, core.rpc_timeout_s)
         first = True
-        async for chunk in self._stream(call, f"generation on {chosen}"):
+        async for chunk in self._stream(chunks, f"generation on {chosen}"):
             if first:
                 core.policy.on_prefill_done(self.rid, time.monotonic())
                 first = False
             yield chunk
 
-    async def _stream(self, call: Any, what: str) -> AsyncIterator[FrontChunk]:
-        """Relay an instance's token stream; cancel it on a stop string or an early close."""
+    async def _stream(
+        self, chunks: AsyncIterator[instance_pb2.TokenChunk], what: str
+    ) -> AsyncIterator[FrontChunk]:
+        """Relay an instance's token stream; abort it on a stop string or an early close."""
         try:
-            async for msg in call:
+            async for msg in chunks:
                 if msg.num_cached_tokens:
                     self.usage.cached_tokens = msg.num_cached_tokens
                 if msg.transfer_bytes:
@@ -391,13 +393,13 @@ class _Run:
                 if chunk.finish_reason is not None:
                     return
             raise ServiceError(f"{what} ended without a finish reason")
-        except grpc.aio.AioRpcError as exc:
+        except SessionCallError as exc:
             _raise_invalid(exc)
             raise ServiceError(f"{what} failed: {exc.code().name}: {exc.details()}") from None
         finally:
-            # A no-op when the stream ended; otherwise (stop string, client gone) the instance
-            # sees the cancellation and aborts the request, freeing its blocks.
-            call.cancel()
+            # A no-op when the stream ended; otherwise (stop string, client gone) the session
+            # sends an abort entry and the instance aborts the request, freeing its blocks.
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _release(self, kv: instance_pb2.KVHandle) -> None:
         record = self.core.registry.instances.get(kv.instance_id)
@@ -411,6 +413,6 @@ class _Run:
             logger.debug("ReleaseKV %s failed: %s", kv.transfer_id, exc.details())
 
 
-def _raise_invalid(exc: grpc.aio.AioRpcError) -> None:
+def _raise_invalid(exc: SessionCallError) -> None:
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
         raise InvalidRequestError(exc.details()) from None

@@ -6,6 +6,11 @@ model checkpoint or another KV layout (dtype, block size, heads) than the cluste
 another torch.distributed world than the instances it would exchange KV with. Heartbeats
 (``Registry.Report``) carry load and prefix-cache events, which go to the routing policy. An
 instance silent for ``instance_timeout_s`` is dropped from routing.
+
+Each record holds the router's channel to its instance and the :class:`InstanceSession` on it
+(the stream that carries the router's requests, opened on first use). When an instance leaves
+(expired, replaced by a new registration, router shutdown) its session is closed, failing what
+was still in flight on it with UNAVAILABLE, and then its channel.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import grpc
 from distserve._proto import instance_pb2, instance_pb2_grpc
 from distserve.protocol import layout_mismatch
 from distserve.router.policies.base import InstanceLoad, RoutingPolicy
+from distserve.router.session import CHANNEL_OPTIONS, InstanceSession
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +36,8 @@ logger = logging.getLogger(__name__)
 class InstanceRecord:
     descriptor: instance_pb2.InstanceDescriptor
     channel: grpc.aio.Channel
-    stub: instance_pb2_grpc.InstanceStub
+    stub: instance_pb2_grpc.InstanceStub  # per-request RPCs (ReleaseKV)
+    session: InstanceSession  # Prefill / Decode / Generate, multiplexed on one stream
     stats: instance_pb2.InstanceStats = field(default_factory=instance_pb2.InstanceStats)
     last_seen_s: float = field(default_factory=time.monotonic)
     _load: InstanceLoad | None = field(default=None, repr=False)  # load() of ``stats``
@@ -135,10 +142,13 @@ class InstanceRegistry:
         old = self.instances.pop(d.instance_id, None)
         if old is not None:
             self.policy.remove_instance(d.instance_id)
-            self._close_later(old.channel)
-        channel = grpc.aio.insecure_channel(d.address)
+            self._close_later(old, "the instance registered again")
+        channel = grpc.aio.insecure_channel(d.address, options=CHANNEL_OPTIONS)
         self.instances[d.instance_id] = InstanceRecord(
-            d, channel, instance_pb2_grpc.InstanceStub(channel)
+            d,
+            channel,
+            instance_pb2_grpc.InstanceStub(channel),
+            InstanceSession(d.instance_id, channel),
         )
         if self._layout is None or len(self.instances) == 1:
             self._layout = d.layout
@@ -182,7 +192,7 @@ class InstanceRegistry:
         if self.metrics is not None:
             self.metrics.remove_instance(instance_id)
         self.policy.remove_instance(instance_id)
-        self._close_later(record.channel)
+        self._close_later(record, f"the instance was removed: {why}")
         self._notify()
 
     async def watch_liveness(self) -> None:
@@ -198,12 +208,13 @@ class InstanceRegistry:
 
     async def close(self) -> None:
         for record in self.instances.values():
-            await record.channel.close()
+            await _close(record, "the router is shutting down")
         self.instances.clear()
         self._by_role = {}
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
-    def _close_later(self, channel: grpc.aio.Channel) -> None:
-        task = asyncio.ensure_future(channel.close())
+    def _close_later(self, record: InstanceRecord, why: str) -> None:
+        task = asyncio.ensure_future(_close(record, why))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -215,6 +226,11 @@ class InstanceRegistry:
         self.changed.set()
         if self._on_change is not None:
             self._on_change()
+
+
+async def _close(record: InstanceRecord, why: str) -> None:
+    await record.session.close(why)
+    await record.channel.close()
 
 
 class RegistryServicer(instance_pb2_grpc.RegistryServicer):

@@ -18,7 +18,15 @@ from distserve.launch.cluster_config import cluster_config_from_dict
 from distserve.router.server import RouterServer
 
 
-async def _serve(model, policy: str, num_prefill: int, num_decode: int, num_colocated: int, body):
+async def _serve(
+    model,
+    policy: str,
+    num_prefill: int,
+    num_decode: int,
+    num_colocated: int,
+    body,
+    **options,
+):
     config = cluster_config_from_dict(
         {
             "model": str(model),
@@ -42,6 +50,7 @@ async def _serve(model, policy: str, num_prefill: int, num_decode: int, num_colo
             block_size=4,
             num_kv_blocks=64,
             heartbeat_s=0.05,
+            **options,
         )
         for options in cluster_options(base, num_prefill, num_decode, num_colocated):
             instances.append(SimulatedInstance(options))
@@ -109,6 +118,50 @@ def test_text_prompt_through_colocated_instance(tiny_llama):
         assert "".join(m.text for m in msgs)  # detokenized by the router
 
     asyncio.run(_serve(tiny_llama, "round_robin", 0, 0, 1, body))
+
+
+def test_prefill_on_a_dead_instance_is_retried_on_another(tiny_llama):
+    """An instance that died (before the router noticed its missing heartbeats) fails the
+    requests sent to it UNAVAILABLE on its session; their prefills go to another instance."""
+
+    async def body(stub, router, instances):
+        dead = next(i for i in instances if i.options.instance_id == "sim-prefill-0")
+        await dead.stop()
+        assert "sim-prefill-0" in router.core.registry.instances  # not noticed yet
+        prompts = [[5 + i, 6, 7, 8, 9] for i in range(6)]
+        results = await asyncio.gather(
+            *(_generate(stub, _request(p, 3, f"retry-{i}")) for i, p in enumerate(prompts))
+        )
+        for p, msgs in zip(prompts, results, strict=True):
+            assert [t for m in msgs for t in m.token_ids] == p[:3]
+            assert msgs[-1].prefill_instance == "sim-prefill-1"
+        # round robin sent some of them to the dead instance first
+        assert router.core.registry.instances["sim-prefill-0"].session.num_streams_opened >= 1
+
+    asyncio.run(_serve(tiny_llama, "round_robin", 2, 1, 0, body))
+
+
+def test_client_cancellation_aborts_the_request_on_the_instance(tiny_llama):
+    async def body(stub, router, instances):
+        decode = next(i for i in instances if i.options.role == "decode")
+        call = stub.Generate(_request([5, 6, 7, 8, 9], 10_000, "cancelled"), timeout=10)
+        received = 0
+        async for msg in call:
+            received += len(msg.token_ids)
+            if received >= 3:
+                break
+        assert "cancelled" in decode._running
+        call.cancel()
+        for _ in range(500):
+            if "cancelled" not in decode._running:
+                break
+            await asyncio.sleep(0.01)
+        assert "cancelled" not in decode._running
+        # other requests on the same sessions are served as before
+        msgs = await _generate(stub, _request([9, 8, 7], 3, "after"))
+        assert [t for m in msgs for t in m.token_ids] == [9, 8, 7]
+
+    asyncio.run(_serve(tiny_llama, "round_robin", 1, 1, 0, body, decode_delay_s=0.02))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -1,0 +1,322 @@
+"""The router's session with one instance: one long-lived ``Session`` stream that carries every
+Prefill, Decode and Generate the router sends that instance, and their answers back.
+
+A gRPC call costs far more CPU than a message on a stream that is already open, and a message
+can carry a batch; so instead of one call per request and phase, each (router, instance) pair
+keeps one bidirectional stream, and each message carries every entry ready at the time::
+
+    callers ──prefill / decode / generate──▶ outbox ──writer task──SessionCalls──▶ instance
+    callers ◀── per-request inbox ◀── reader task ◀──SessionEvents──────────────── instance
+
+A request's life on a session (``_Stream``), by request id::
+
+    open(inbox, deadline timer) ─▶ call entry sent ─▶ events ─▶ last event ─▶ released
+       └─ caller leaves early (client gone, stop string, deadline): released + abort entry sent
+       └─ stream breaks or is closed: every open request fails UNAVAILABLE
+
+Failures look like the per-request RPCs' failures: :class:`SessionCallError` has ``code()``
+and ``details()`` like ``grpc.aio.AioRpcError``. A stream that broke is dead; the next request
+opens a new one. The session is opened lazily (on the first request) over the instance's
+channel, and closed by the registry when the instance leaves and at router shutdown.
+
+Owns no routing or retry logic (``core.py``) and no instance state (``registry.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from distserve._proto import instance_pb2, instance_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# Options of the router's channels to instances: a batch of events can be larger than one
+# per-request answer (the instances send and accept up to 64 MiB).
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+# Caps on one SessionCalls message (prompt token ids are at most 5 bytes each on the wire).
+MAX_CALLS_PER_MESSAGE = 256
+MAX_TOKENS_PER_MESSAGE = 1 << 20
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class SessionCallError(Exception):
+    """A request on a session failed: the status its per-request RPC would have ended with.
+
+    Read like ``grpc.aio.AioRpcError``: ``code()`` and ``details()``.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    @classmethod
+    def from_proto(cls, error: instance_pb2.SessionError) -> SessionCallError:
+        return cls(_STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.details)
+
+
+class _Inbox:
+    """One request's events in arrival order: ``SessionEvent``\\ s from the instance, or a
+    :class:`SessionCallError` made here (deadline, broken stream)."""
+
+    __slots__ = ("items", "loop", "timer", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.items: collections.deque[Any] = collections.deque()
+        self.loop = loop
+        self.waiter: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self) -> instance_pb2.SessionEvent:
+        """The next event; raises the :class:`SessionCallError` made here, if that is next."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        item = self.items.popleft()
+        if isinstance(item, SessionCallError):
+            raise item
+        return item
+
+
+class _Stream:
+    """One open ``Session`` call and the requests on it; dead once it broke or was closed."""
+
+    def __init__(self, instance_id: str, stub: instance_pb2_grpc.InstanceStub) -> None:
+        self.instance_id = instance_id
+        self.loop = asyncio.get_running_loop()
+        self.call = stub.Session()
+        self.inboxes: dict[str, _Inbox] = {}  # request id -> its events
+        self.outbox: list[instance_pb2.SessionCalls] = []  # oldest first; the last one fills
+        self.num_outbox_tokens = 0  # prompt token ids in the last message of the outbox
+        self.wake = asyncio.Event()  # set when the outbox has something to send
+        self.is_dead = False
+        self.writer = self.loop.create_task(self._write())
+        self.reader = self.loop.create_task(self._read())
+
+    # ---- requests ------------------------------------------------------------------------
+    def open(self, rid: str, timeout_s: float | None) -> _Inbox:
+        if rid in self.inboxes:
+            raise SessionCallError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {rid} is already in flight on {self.instance_id}",
+            )
+        inbox = _Inbox(self.loop)
+        if timeout_s is not None:
+            inbox.timer = self.loop.call_later(timeout_s, self._expire, rid)
+        self.inboxes[rid] = inbox
+        return inbox
+
+    def release(self, rid: str, abort: bool) -> None:
+        """The caller is done with ``rid``; ``abort``: the instance may still be running it."""
+        inbox = self.inboxes.pop(rid, None)
+        if inbox is None:
+            return
+        if inbox.timer is not None:
+            inbox.timer.cancel()
+        if abort and not self.is_dead:
+            self._calls(0).add(abort=rid)
+            self.wake.set()
+
+    def _expire(self, rid: str) -> None:
+        inbox = self.inboxes.get(rid)
+        if inbox is not None:
+            inbox.timer = None
+            inbox.put(SessionCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+    def _calls(self, num_tokens: int) -> Any:
+        """The calls of the outbox message an entry of ``num_tokens`` token ids goes into."""
+        if (
+            not self.outbox
+            or len(self.outbox[-1].calls) >= MAX_CALLS_PER_MESSAGE
+            or self.num_outbox_tokens + num_tokens > MAX_TOKENS_PER_MESSAGE
+        ):
+            self.outbox.append(instance_pb2.SessionCalls())
+            self.num_outbox_tokens = 0
+        self.num_outbox_tokens += num_tokens
+        return self.outbox[-1].calls
+
+    def send(self, kind: str, request: Any) -> None:
+        """Queue a ``prefill``, ``decode`` or ``generate`` entry for the next message."""
+        prompt = request.request if kind == "decode" else request
+        self._calls(len(prompt.prompt_token_ids)).add(**{kind: request})
+        self.wake.set()
+
+    # ---- the stream ----------------------------------------------------------------------
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.outbox:
+                    message = self.outbox.pop(0)
+                    if not self.outbox:
+                        self.num_outbox_tokens = 0
+                    # While this write is in flight, new entries gather into the next message.
+                    await self.call.write(message)
+        except Exception as exc:  # the call ended: AioRpcError, InvalidStateError
+            self.fail(f"sending failed: {_describe(exc)}")
+
+    async def _read(self) -> None:
+        why = "the instance ended the session"
+        try:
+            while True:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
+                    break
+                for event in message.events:
+                    inbox = self.inboxes.get(event.request_id)
+                    if inbox is not None:  # else: released already (aborted, timed out)
+                        inbox.put(event)
+        except asyncio.CancelledError:
+            why = "the session was cancelled"
+            raise
+        except Exception as exc:
+            why = _describe(exc)
+        finally:
+            self.fail(why)
+
+    def fail(self, why: str) -> None:
+        """End the stream: every open request fails UNAVAILABLE; the next one opens a new one."""
+        if self.is_dead:
+            return
+        self.is_dead = True
+        logger.info("session with %s ended: %s", self.instance_id, why)
+        self.call.cancel()  # the instance aborts whatever still runs for this session
+        current = asyncio.current_task()
+        for task in (self.writer, self.reader):
+            if task is not current:
+                task.cancel()
+        details = f"session with {self.instance_id} ended: {why}"
+        for inbox in self.inboxes.values():
+            if inbox.timer is not None:
+                inbox.timer.cancel()
+                inbox.timer = None
+            inbox.put(SessionCallError(grpc.StatusCode.UNAVAILABLE, details))
+        self.inboxes.clear()
+        self.outbox.clear()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self.writer, self.reader, return_exceptions=True)
+
+
+class InstanceSession:
+    """The router's requests to one instance, multiplexed on one ``Session`` stream."""
+
+    def __init__(self, instance_id: str, channel: grpc.aio.Channel) -> None:
+        self.instance_id = instance_id
+        self._stub = instance_pb2_grpc.InstanceStub(channel)
+        self._stream: _Stream | None = None
+        self._closed_why: str | None = None
+        self.num_streams_opened = 0  # streams opened so far (a broken one is replaced)
+
+    def _current(self) -> _Stream:
+        if self._closed_why is not None:
+            raise SessionCallError(
+                grpc.StatusCode.UNAVAILABLE, f"{self.instance_id}: {self._closed_why}"
+            )
+        if self._stream is None or self._stream.is_dead:
+            try:
+                self._stream = _Stream(self.instance_id, self._stub)
+            except Exception as exc:  # the channel is closed: the instance is leaving
+                raise SessionCallError(grpc.StatusCode.UNAVAILABLE, _describe(exc)) from None
+            self.num_streams_opened += 1
+        return self._stream
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests open on the current stream."""
+        return len(self._stream.inboxes) if self._stream and not self._stream.is_dead else 0
+
+    async def prefill(
+        self, request: instance_pb2.EngineRequest, timeout_s: float | None = None
+    ) -> instance_pb2.PrefillResponse:
+        """The instance's answer to a Prefill; raises :class:`SessionCallError`."""
+        rid = request.request_id
+        stream = self._current()
+        inbox = stream.open(rid, timeout_s)
+        stream.send("prefill", request)
+        answered = False
+        try:
+            event = await inbox.get()
+            answered = True
+            kind = event.WhichOneof("kind")
+            if kind == "prefill":
+                return event.prefill
+            if kind == "error":
+                raise SessionCallError.from_proto(event.error)
+            raise SessionCallError(grpc.StatusCode.INTERNAL, f"a prefill answered by {kind!r}")
+        finally:
+            stream.release(rid, abort=not answered)
+
+    def decode(
+        self, request: instance_pb2.DecodeRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        """The instance's Decode stream; leaving it before its last chunk aborts the request.
+        Nothing is sent before the first ``__anext__``."""
+        return self._chunks("decode", request.request.request_id, request, timeout_s)
+
+    def generate(
+        self, request: instance_pb2.EngineRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        """The (colocated) instance's Generate stream; leaving it early aborts the request."""
+        return self._chunks("generate", request.request_id, request, timeout_s)
+
+    async def _chunks(
+        self, kind: str, rid: str, request: Any, timeout_s: float | None
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        stream = self._current()
+        inbox = stream.open(rid, timeout_s)
+        stream.send(kind, request)
+        is_over = False  # the instance sent the request's last event
+        try:
+            while True:
+                event = await inbox.get()
+                which = event.WhichOneof("kind")
+                if which == "tokens":
+                    chunk = event.tokens
+                    is_over = bool(chunk.finish_reason)
+                    yield chunk
+                    if is_over:
+                        return
+                    continue
+                is_over = True
+                if which == "error":
+                    raise SessionCallError.from_proto(event.error)
+                raise SessionCallError(grpc.StatusCode.INTERNAL, f"a stream answered by {which!r}")
+        finally:
+            stream.release(rid, abort=not is_over)
+
+    async def close(self, why: str = "the session was closed") -> None:
+        """Fail what is in flight (UNAVAILABLE) and refuse new requests."""
+        self._closed_why = why
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.fail(why)
+            await stream.wait_closed()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
