@@ -7,8 +7,11 @@ once, without a model). A load generator process then drives the router's public
 ``Generation.Generate`` stream with text prompts (shared prefixes, so the prefix-aware policies
 have something to do) and short outputs:
 
-    load generator ──Generate──▶ router ──Prefill──▶ sim prefill ◀──PullKV── sim decode
-     (closed loop)                      ──Decode (stream)─────────────────▶ sim decode
+    load generator ──Generate──▶ router ══Session══▶ sim prefill ◀──PullKV── sim decode
+     (closed loop)                      ══Session═══════════════════════▶ sim decode
+
+(the router keeps one multiplexed ``Session`` stream per instance; each message carries a
+batch of prefill / decode / generate entries or of their answers.)
 
 Per policy and router it reports:
   * throughput: closed loop with ``--concurrency`` requests in flight: routed req/s, p50/p99
@@ -20,9 +23,11 @@ Per policy and router it reports:
     requests sent by the load generator straight to the simulated instances (Prefill + Decode,
     what the router itself does).
 
-``--floor`` adds a bare grpc.aio relay in the router's place (same RPCs, no tokenization,
-policy, detokenization or metrics): the CPU per request that any Python grpc.aio router pays
-before doing its own work.
+``--floor`` adds a bare grpc.aio relay in the router's place (per-request RPCs: Prefill, then
+a Decode stream, or Generate; no tokenization, policy, detokenization or metrics): the CPU per
+request that a Python grpc.aio router pays for one call per request and phase before doing its
+own work. ``--floor-session`` adds the same relay sending those requests over the router's
+instance sessions (``distserve/router/session.py``) instead: the floor under the router as it is.
 
 ``--router-src label=DIR`` (repeatable) runs one router per source tree (e.g. the commit before
 a speed-up, and this one), each with its own simulated instances, all up at once. The load
@@ -64,6 +69,8 @@ from distserve._proto import generation_pb2, generation_pb2_grpc, instance_pb2, 
 POLICIES = ("round_robin", "least_load", "cache_aware", "preble", "d2lpm")
 SETUPS = {"2p2d": (2, 2, 0), "2c": (0, 0, 2)}  # name -> (prefill, decode, colocated)
 _FLOOR = "<bare gRPC relay>"  # the source of the "floor" variant
+_FLOOR_SESSION = "<bare gRPC relay, sessions>"  # the source of the "floor-session" variant
+_FLOORS = (_FLOOR, _FLOOR_SESSION)
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima"
 
 
@@ -265,20 +272,30 @@ async def _loadgen(args: argparse.Namespace) -> dict:
 class _Relay(generation_pb2_grpc.GenerationServicer, instance_pb2_grpc.RegistryServicer):
     """What any Python grpc.aio router must do per request, and nothing else.
 
-    The same RPCs as the router (Generate stream in; Prefill, then a Decode stream out, or a
-    colocated instance's Generate stream; one response per token), with instances taken in turn: no tokenization (prompt bytes as ids), no
-    block hashes, policy, detokenization or metrics. Its CPU per request is the floor the
-    router's own work sits on. Registrations are all accepted.
+    Generate stream in; Prefill, then a Decode stream out, or a colocated instance's Generate
+    stream (one response per token), with instances taken in turn: no tokenization (prompt
+    bytes as ids), no block hashes, policy, detokenization or metrics. Its CPU per request is
+    the floor the router's own work sits on. Registrations are all accepted. With
+    ``use_sessions`` the requests to instances go over one ``InstanceSession`` per instance, as
+    the router sends them; otherwise one RPC per request and phase.
     """
 
-    def __init__(self) -> None:
-        self.stubs: dict[str, list[instance_pb2_grpc.InstanceStub]] = {}
+    def __init__(self, use_sessions: bool = False) -> None:
+        self.stubs: dict[str, list] = {}  # role -> InstanceStub or InstanceSession
         self.channels: list[grpc.aio.Channel] = []
+        self.use_sessions = use_sessions
         self.count = 0
 
     async def Register(self, request, context):
-        self.channels.append(grpc.aio.insecure_channel(request.address))
-        stub = instance_pb2_grpc.InstanceStub(self.channels[-1])
+        from distserve.router.session import CHANNEL_OPTIONS, InstanceSession
+
+        if self.use_sessions:
+            channel = grpc.aio.insecure_channel(request.address, options=CHANNEL_OPTIONS)
+            stub = InstanceSession(request.instance_id, channel)
+        else:
+            channel = grpc.aio.insecure_channel(request.address)
+            stub = instance_pb2_grpc.InstanceStub(channel)
+        self.channels.append(channel)
         self.stubs.setdefault(request.role, []).append(stub)
         return instance_pb2.RegisterResponse(accepted=True)
 
@@ -299,32 +316,42 @@ class _Relay(generation_pb2_grpc.GenerationServicer, instance_pb2_grpc.RegistryS
             sampling=request.sampling,
         )
         if "colocated" in self.stubs:
-            stubs = self.stubs["colocated"]
-            call = stubs[self.count % len(stubs)].Generate(engine_request, timeout=30)
-            async for chunk in call:
+            stub = self.stubs["colocated"][self.count % len(self.stubs["colocated"])]
+            if self.use_sessions:
+                chunks = stub.generate(engine_request, 30)
+            else:
+                chunks = stub.Generate(engine_request, timeout=30)
+            async for chunk in chunks:
                 yield generation_pb2.GenerateResponse(
                     request_id=rid, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason
                 )
             return
-        prefills = self.stubs["prefill"]
-        first = await prefills[self.count % len(prefills)].Prefill(engine_request, timeout=30)
+        prefill = self.stubs["prefill"][self.count % len(self.stubs["prefill"])]
+        if self.use_sessions:
+            first = await prefill.prefill(engine_request, 30)
+        else:
+            first = await prefill.Prefill(engine_request, timeout=30)
         yield generation_pb2.GenerateResponse(
             request_id=rid, token_ids=[first.first_token_id], finish_reason=first.finish_reason
         )
         if first.finish_reason:
             return
-        decodes = self.stubs["decode"]
+        decode = self.stubs["decode"][self.count % len(self.stubs["decode"])]
         decode_request = instance_pb2.DecodeRequest(
             request=engine_request, first_token_id=first.first_token_id, kv=first.kv
         )
-        async for chunk in decodes[self.count % len(decodes)].Decode(decode_request, timeout=30):
+        if self.use_sessions:
+            chunks = decode.decode(decode_request, 30)
+        else:
+            chunks = decode.Decode(decode_request, timeout=30)
+        async for chunk in chunks:
             yield generation_pb2.GenerateResponse(
                 request_id=rid, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason
             )
 
 
-async def _relay(ready_file: str) -> None:
-    relay = _Relay()
+async def _relay(ready_file: str, use_sessions: bool) -> None:
+    relay = _Relay(use_sessions)
     server = grpc.aio.server()
     generation_pb2_grpc.add_GenerationServicer_to_server(relay, server)
     instance_pb2_grpc.add_RegistryServicer_to_server(relay, server)
@@ -440,12 +467,13 @@ def run_policy(
         for label, src in sources:
             tag = f"{setup}-{policy}-{label}"
             ready, log = workdir / f"{tag}.router.json", workdir / f"{tag}.router.log"
-            if src == _FLOOR:
+            if src in _FLOORS:
                 cmd = [sys.executable, __file__, "--relay", "--out", str(ready)]
+                cmd += ["--relay-sessions"] if src == _FLOOR_SESSION else []
             else:
                 cmd = [sys.executable, "-m", "distserve.cli", "--log-level", "WARNING", "router"]
                 cmd += ["--config", str(config_path), "--ready-file", str(ready)]
-            router = _spawn(cmd, args.router_cores, log, pythonpath=None if src == _FLOOR else src)
+            router = _spawn(cmd, args.router_cores, log, pythonpath=None if src in _FLOORS else src)
             procs.append(router)
             address = _wait_file(ready, router, log)["grpc"]
             sims_ready, sims_log = workdir / f"{tag}.sims.json", workdir / f"{tag}.sims.log"
@@ -463,7 +491,7 @@ def run_policy(
             _wait_registered(address, num_prefill + num_decode + num_colocated)
             pids = {"router": router.pid, "instances": sims.pid}
             specs.append({"label": label, "router": address, "pids": pids})
-            if args.direct and direct is None and src != _FLOOR:
+            if args.direct and direct is None and src not in _FLOORS:
                 direct = {
                     "label": "direct",
                     "instances": instances,
@@ -507,14 +535,14 @@ def _run_loadgen(args, model: Path, workdir: Path, specs: list[dict]) -> dict[st
 
 def _table(rows: list[dict]) -> str:
     head = (
-        f"{'router':<8} {'setup':<5} {'policy':<12} {'req/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'router':<13} {'setup':<5} {'policy':<12} {'req/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'errors':>6} {'rtr cpu':>7} {'sim cpu':>7} {'gen cpu':>7} {'rtr ms/req':>10} "
         f"{'req/s/core':>10} {'1by1 p50':>8} {'p99':>6} {'added p50':>9} {'p99':>6}"
     )
     lines = [head, "-" * len(head)]
     nan = float("nan")
     for r in rows:
-        name = f"{r['router']:<8} {r['setup']:<5} {r['policy']:<12}"
+        name = f"{r['router']:<13} {r['setup']:<5} {r['policy']:<12}"
         if "error" in r:
             lines.append(f"{name} FAILED: {r['error'][:200]}")
             continue
@@ -557,8 +585,11 @@ def main() -> int:
                         help="label=DIR: also run a router from this source tree")  # fmt: skip
     parser.add_argument("--floor", action="store_true",
                         help="also load a bare gRPC relay in the router's place")  # fmt: skip
+    parser.add_argument("--floor-session", action="store_true",
+                        help="also load that relay sending over instance sessions")  # fmt: skip
     parser.add_argument("--out", default="results/router_throughput.json")
     parser.add_argument("--relay", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--relay-sessions", action="store_true", help=argparse.SUPPRESS)
     # the load generator process
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--targets", help=argparse.SUPPRESS)
@@ -569,7 +600,7 @@ def main() -> int:
     if args.num_sequential is None:
         args.num_sequential = 50 if args.quick else 200
     if args.relay:
-        asyncio.run(_relay(args.out))
+        asyncio.run(_relay(args.out, args.relay_sessions))
         return 0
     if args.loadgen:
         Path(args.out).write_text(json.dumps(asyncio.run(_loadgen(args))))
@@ -581,6 +612,8 @@ def main() -> int:
     sources = [(label, str(Path(src).resolve()) if src else None) for label, src in sources]
     if args.floor:
         sources.append(("floor", _FLOOR))
+    if args.floor_session:
+        sources.append(("floor-session", _FLOOR_SESSION))
     model = _model()
     load_start = os.getloadavg()
     rows = []
