@@ -50,11 +50,13 @@ from typing import Any
 import numpy as np
 import yaml
 from placement_validate_sim import (
+    HostLoad,
     bench_lengths,
     bench_workload,
     calibrated,
     overheads,
     simulate,
+    simulate_testbed,
 )
 
 from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
@@ -187,9 +189,10 @@ def stage_bench(
     with LocalCluster(config, log_dir=work / "logs" / name, log_level="WARNING") as cluster:
         if args.host_nice:
             lower_priority(cluster.router.pid, args.host_nice)
+        idle = idle_cpu(cluster)
         for path, sweep, n in runs:
             load_before = os.getloadavg()
-            cpu_before = cpu_snapshot(cluster)
+            cpu_before, wall_start = cpu_snapshot(cluster), time.monotonic()
             cmd = [
                 sys.executable, "-m", "distserve.cli", "bench",
                 "--endpoint", f"grpc://{cluster.grpc_address}", "--dataset", "random",
@@ -207,9 +210,14 @@ def stage_bench(
                 raise SystemExit(f"distserve bench failed (exit {client.returncode})")
             report = json.loads(Path(str(path) + ".partial").read_text())
             report["load_avg"] = {"before": load_before, "after": os.getloadavg()}
-            num = sum(len(r.get("requests", [])) for r in report["results"])
-            num += args.warmup_requests
-            report["rank_cpu"] = cpu_use(cpu_before, cpu_snapshot(cluster), num)
+            measured = sum(len(r.get("requests", [])) for r in report["results"])
+            use = cpu_use(cpu_before, cpu_snapshot(cluster), measured + args.warmup_requests)
+            use["wall_s"] = time.monotonic() - wall_start
+            use["num_measured"] = measured
+            # the bench's own CPU while it measured (without its start-up and warm-up)
+            use["client_measured_cpu_s"] = sum(r["client_cpu_s"] for r in report["results"])
+            use["idle_cpu_per_s"] = idle
+            report["rank_cpu"] = use
             path.write_text(json.dumps(report, indent=1))
             os.unlink(str(path) + ".partial")
     return json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
@@ -251,6 +259,22 @@ def cpu_snapshot(cluster: Any) -> dict[str, Any]:
         "router": thread_schedstats(cluster.router.pid),
         "children_cpu_s": usage.ru_utime + usage.ru_stime,
     }
+
+
+def idle_cpu(cluster: Any, seconds: float = 3.0) -> dict[str, float]:
+    """CPU per second the router and each rank use with no request in flight (heartbeats,
+    idle wake-ups): background that every run pays whatever its rate."""
+    before = cpu_snapshot(cluster)
+    time.sleep(seconds)
+    after = cpu_snapshot(cluster)
+
+    def ran(b: dict[int, tuple[int, int]], a: dict[int, tuple[int, int]]) -> float:
+        return sum(r - b.get(tid, (0, 0))[0] for tid, (r, _) in a.items()) / 1e9 / seconds
+
+    out = {"router": ran(before["router"], after["router"])}
+    for rank, threads in after["ranks"].items():
+        out[rank] = ran(before["ranks"][rank], threads)
+    return out
 
 
 def cpu_use(before: dict[str, Any], after: dict[str, Any], num_requests: int) -> dict[str, Any]:
@@ -358,17 +382,31 @@ def main() -> int:
         )  # fmt: skip
         dt_prefill, dt_decode = overheads(calib["results"][0], cal_sim)
         tuned = calibrated(model, dt_prefill, dt_decode)
+        # the testbed model: CPU per request that others take from the ranks' cores, and what
+        # is left of the low-rate latency after it as fixed costs (router and gRPC hops)
+        load = HostLoad.measured(calib["rank_cpu"])
+        calib_workload = bench_workload(
+            lengths(args, args.calibration_prompts, args.seed), low, args.seed
+        )
+        bed = simulate_testbed(model, slo, settings, p, calib_workload, low, load)
+        offsets = (
+            max(0.0, calib["results"][0]["ttft_s"]["median"] - bed["p50_ttft_s"]),
+            max(0.0, calib["results"][0]["tpot_s"]["median"] - bed["p50_tpot_s"]),
+        )
         lens = lengths(args, args.num_prompts, args.seed)
         for i, r in enumerate(report["results"]):
             rate = float(r["rate_per_s"])
             workload = bench_workload(lens, rate, args.seed + i)
             raw = simulate(model, slo, settings, p, workload, rate)
             cal = simulate(tuned, slo, settings, p, workload, rate)
+            bed = simulate_testbed(model, slo, settings, p, workload, rate, load, offsets)
             first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,
                 "measured": r["slo_attainment"], "simulated": raw["attainment"],
                 "simulated_calibrated": cal["attainment"],
+                "simulated_testbed": bed["attainment"], "testbed_slowdown": bed["slowdown"],
+                "simulated_testbed_p50_ttft_s": bed["p50_ttft_s"],
                 "measured_p50_ttft_s": r["ttft_s"]["median"], "simulated_p50_ttft_s": raw["p50_ttft_s"],
                 "measured_p50_tpot_s": r["tpot_s"]["median"], "simulated_p50_tpot_s": raw["p50_tpot_s"],
                 "measured_p50_first_gap_s": first_gap, "measured_p50_later_gaps_s": later_gaps,
@@ -380,7 +418,8 @@ def main() -> int:
             "measured_goodput_per_s": report["goodput"]["rate_per_s"],
             "measured_note": report["goodput"]["note"],
             "calibration": {"rate_per_s": low, "prefill_overhead_ms": dt_prefill,
-                            "decode_overhead_ms": dt_decode},
+                            "decode_overhead_ms": dt_decode, "host_load": vars(load),
+                            "fixed_ttft_s": offsets[0], "fixed_tpot_s": offsets[1]},
             "load_avg": {"calibration": calib["load_avg"], "sweep": report["load_avg"]},
             "rank_cpu": {"calibration": calib.get("rank_cpu"), "sweep": report.get("rank_cpu")},
         }  # fmt: skip
@@ -398,13 +437,17 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
     slo = plan["slo"]
     print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
     print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (calibrated) "
-          "| p50 TTFT meas/sim (ms) | p50 TPOT meas/sim (ms) | p50 first gap / later gaps (ms) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| simulated (testbed model) | p50 TTFT meas/sim/testbed (ms) | p50 TPOT meas/sim (ms) "
+          "| p50 first gap / later gaps (ms) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         m, raw, cal = r["measured"], r["simulated"], r["simulated_calibrated"]
+        bed = r["simulated_testbed"]
         print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {raw:.3f} ({100 * (raw - m):+.0f}) "
-              f"| {cal:.3f} ({100 * (cal - m):+.0f}) | {1e3 * r['measured_p50_ttft_s']:.0f} / "
-              f"{1e3 * r['simulated_p50_ttft_s']:.0f} | {1e3 * r['measured_p50_tpot_s']:.1f} / "
+              f"| {cal:.3f} ({100 * (cal - m):+.0f}) | {bed:.3f} ({100 * (bed - m):+.0f}) "
+              f"| {1e3 * r['measured_p50_ttft_s']:.0f} / "
+              f"{1e3 * r['simulated_p50_ttft_s']:.0f} / {1e3 * r['simulated_testbed_p50_ttft_s']:.0f} "
+              f"| {1e3 * r['measured_p50_tpot_s']:.1f} / "
               f"{1e3 * r['simulated_p50_tpot_s']:.1f} | {1e3 * r['measured_p50_first_gap_s']:.0f} / "
               f"{1e3 * r['measured_p50_later_gaps_s']:.1f} |")  # fmt: skip
     for name, s in summary.items():
@@ -418,6 +461,12 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
         print(f"{name}: {s['placement']} predicted {s['predicted_goodput_per_s']:.2f} req/s, "
               f"measured {shown} req/s ({s['measured_note']}); live overhead per step: prefill "
               f"{cal['prefill_overhead_ms']:.1f} ms, decode {cal['decode_overhead_ms']:.1f} ms")  # fmt: skip
+        if "host_load" in cal:
+            load = cal["host_load"]
+            others = ", ".join(f"{k} {v:.1f} ms" for k, v in load["rank_other_ms"].items())
+            print(f"  testbed model (from the low-rate run): router + client {load['host_ms']:.1f} ms "
+                  f"CPU per request, the ranks' other threads {others}; fixed TTFT "
+                  f"{1e3 * cal['fixed_ttft_s']:.1f} ms, TPOT {1e3 * cal['fixed_tpot_s']:.2f} ms")  # fmt: skip
         sweep = s["rank_cpu"]["sweep"] or {}
         ranks = {k: v for k, v in sweep.items() if k.startswith("rank")}
         if ranks:

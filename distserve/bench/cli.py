@@ -21,6 +21,7 @@ import asyncio
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -163,6 +164,7 @@ async def _run(args: argparse.Namespace, rates: list[float], extra_body: Any) ->
             prompts = make_prompts(i + 1)
             is_trace = args.dataset.startswith("mooncake:")
             times = arrival_times(prompts, rate, args.burstiness, args.seed, is_trace)
+            cpu_start = time.process_time()
             records, duration_s = await run_rate(
                 backend,
                 prompts,
@@ -172,6 +174,7 @@ async def _run(args: argparse.Namespace, rates: list[float], extra_body: Any) ->
                 show_progress=not args.disable_tqdm,
             )
             result = summarize(rate, records, duration_s, args.ttft_slo, args.tpot_slo)
+            result.client_cpu_s = time.process_time() - cpu_start
             if args.save_requests:
                 result.requests = [_record_json(r, records[0].send_s) for r in records]
             results.append(result)

@@ -64,6 +64,7 @@ class RateResult:
     e2e_s: Summary
     slo_attainment: float | None  # None without SLOs
     requests: list[dict[str, Any]] = field(default_factory=list)  # with --save-requests
+    client_cpu_s: float | None = None  # CPU this bench process used for the rate (all threads)
 
 
 def meets_slo(rec: RequestRecord, ttft_slo_s: float | None, tpot_slo_s: float | None) -> bool:

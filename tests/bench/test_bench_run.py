@@ -57,6 +57,7 @@ def test_http_sweep_writes_consistent_json_and_a_plot(http_server, tmp_path, cap
         check_consistent(result, num_prompts=6, output_len=4)
         assert result["num_errors"] == 0 and result["total_input_tokens"] == 6 * 8
         assert len(result["requests"]) == 6
+        assert 0 < result["client_cpu_s"] < 60  # the bench's own CPU for the rate
     assert report["goodput"]["rate_per_s"] == 400.0 and report["goodput"]["is_lower_bound"]
     assert plot.stat().st_size > 0
     sent = frontend.requests[num_before:]
@@ -117,6 +118,10 @@ def test_grpc_backend_with_token_ids(tmp_path):
     for req in servicer.requests:
         assert len(req.token_ids.ids) == 5 and all(t < 300 for t in req.token_ids.ids)
         assert req.sampling.ignore_eos and req.sampling.max_tokens == 3
+    # the SDK's default: the requests went on a multiplexed GenerateStream, not Generate calls
+    assert servicer.num_stream_calls >= 1 and servicer.num_generate_calls == 0
+    # per-chunk arrival times: the fake sends its 3 chunks 2 ms apart, so 2 gaps per request
+    assert result["itl_s"]["median"] > 0.001
 
 
 def test_bad_arguments_exit_2(http_server, capsys):
