@@ -11,20 +11,25 @@ Stages (each result is kept in ``--workdir``; a rerun skips what exists, ``--fre
              ``LocalCluster`` from its YAML (cores pinned), loaded by ``distserve bench``
              (``--dataset random``) at the same rates around the predicted goodputs
 5. compare   the simulator on exactly the bench's requests (same lengths, same arrival times)
-             vs the measured attainment at every rate — with the raw profile, and calibrated
-             by the serving stack's per-step overhead measured in a separate low-rate run
-             (``placement_validate_sim.py``); measured goodput, disaggregated vs colocated;
+             vs the measured attainment at every rate (three ways, below;
+             ``placement_validate_sim.py``); measured goodput, disaggregated vs colocated;
              prints a table and writes JSON
 
-The router and the bench client are not pinned: they share the two cores with the instances.
-The cores stand for devices, which host processes never use, so by default the router and the
-client run at nice 19 (``--host-nice``; their autogroups') and get a core only where an instance
-leaves it idle. How much of the cores each process actually got is recorded during every bench
-run: per rank process, the CPU time its threads ran and the time they were runnable but waited
-for a core (``/proc/<pid>/task/*/schedstat``), for all its threads and for the engine thread
-alone (``cpu_share`` = ran / (ran + waited); well below 1 means something else had the core and
-the measured latencies are not the profile's); and the CPU time the router, the bench client and
-the instances' other threads (gRPC, transfers) used per request.
+The router and the bench client are not pinned: they share the two cores with the instances
+(``--host-nice`` lowers their priority; 19 starves them once every core is busy). How much of
+the cores each process actually got is recorded during every bench run: per rank process, the
+CPU time its threads ran and the time they were runnable but waited for a core
+(``/proc/<pid>/task/*/schedstat``), for all its threads and for the engine thread alone
+(``cpu_share`` = ran / (ran + waited)); the CPU the router, the bench client (its own count,
+while measuring) and the ranks' other threads (gRPC, transfers) used; and, before the first run,
+what they use per second with no request in flight.
+
+Three simulations per rate: the raw profile; "calibrated" (the low-rate run's extra TTFT and
+TPOT added to every step); and the **testbed model**: the cores are not the devices' alone, so
+each rank's steps take ``1 / (1 - share)`` of their profiled time, ``share`` being the fraction
+of its core the others use at that rate (idle background + CPU per request × rate, both from the
+low-rate run; router and client spread over both cores), and what remains of the low-rate
+latency after that counts as a fixed cost outside the devices (router and gRPC hops).
 Each row also splits a request's TPOT: the first gap (first token → second token: for the
 disaggregated cluster the hand-off — Decode RPC, KV pull, joining the batch) and the median
 of the remaining inter-token gaps.
@@ -347,9 +352,10 @@ def main() -> int:
     ap.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: auto)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--host-nice", type=int, default=19,
-        help="nice value of the router and bench client (autogroup): the instances' cores stand "
-        "for devices, the host processes should not take them (0: equal share)",
+        "--host-nice", type=int, default=0,
+        help="nice value of the router and bench client (their autogroups; 0: an equal share). "
+        "19 keeps them off the instances' cores while those are busy, but starves them when "
+        "every core is (colocated instances decoding)",
     )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="quick profile, 3 rates, 40 prompts")
     ap.add_argument("--fresh", action="store_true", help="redo every stage")

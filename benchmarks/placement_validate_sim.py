@@ -113,7 +113,7 @@ class HostLoad:
     rank_other_ms: dict[str, float]  # per rank: its non-engine threads' CPU per request
     background: dict[str, float]  # cores used with no request in flight: "router", each rank
     num_cores: int = 2
-    max_share: float = 0.9
+    max_share: float = 0.5  # CFS: a runnable engine keeps at least about half its core
 
     @classmethod
     def measured(cls, cpu: dict[str, Any]) -> HostLoad:
@@ -130,16 +130,24 @@ class HostLoad:
         }
         return cls(host_ms=router_ms + client_ms, rank_other_ms=other, background=dict(idle))
 
-    def share(self, rank: str, rate: float) -> float:
-        """Fraction of ``rank``'s core others use at ``rate`` requests/s."""
-        per_request_ms = self.host_ms / self.num_cores + self.rank_other_ms[rank]
-        base = self.background["router"] / self.num_cores + self.background[rank]
-        return min(self.max_share, base + rate * per_request_ms / 1e3)
+    def slowdowns(
+        self, ranks: list[str], rate: float, busy: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """Step-time factor per rank at ``rate``.
 
-    def slowdown(self, ranks: list[str], rate: float) -> float:
-        """Step-time factor of an instance on ``ranks`` (their mean share)."""
-        share = sum(self.share(r, rate) for r in ranks) / len(ranks)
-        return 1.0 / (1.0 - share)
+        A rank's own other threads (pinned with it) always compete with its engine thread. The
+        router and the client are not pinned: the scheduler runs them on a core that is idle
+        when there is one, so they only take from the engines what the idle time left by
+        ``busy`` (each rank's engine utilisation) cannot hold, evenly from every core. Without
+        ``busy`` they are spread evenly over all cores."""
+        host = self.background["router"] + rate * self.host_ms / 1e3  # cores
+        other = {r: self.background[r] + rate * self.rank_other_ms[r] / 1e3 for r in ranks}
+        if busy is None:
+            spill = host / self.num_cores
+        else:
+            idle = sum(max(0.0, 1.0 - busy[r] - other[r]) for r in ranks)
+            spill = max(0.0, host - idle) / self.num_cores
+        return {r: 1.0 / (1.0 - min(self.max_share, other[r] + spill)) for r in ranks}
 
 
 def scaled(lat: LatencyModel, factor: float) -> LatencyModel:
@@ -193,13 +201,23 @@ def simulate_testbed(
     rate: float,
     load: HostLoad,
     latency_offsets_s: tuple[float, float] = (0.0, 0.0),
-) -> dict[str, float]:
+    iterations: int = 3,
+) -> dict[str, Any]:
     """The simulator with the testbed model: steps slowed by the CPU others take from each
-    rank's core at ``rate``; ``latency_offsets_s`` (TTFT, TPOT) are fixed costs outside the
+    rank's core at ``rate`` (iterated with the simulated utilisation, see
+    :meth:`HostLoad.slowdowns`); ``latency_offsets_s`` (TTFT, TPOT) are fixed costs outside the
     devices (router and gRPC hops), counted by tightening the SLOs by as much."""
-    slowdown = {role: load.slowdown(ranks, rate) for role, ranks in role_ranks(p).items()}
-    ev = SlowedEvaluator(model, workload, slo, settings, slowdown=slowdown)
-    result = ev.run(p, rate)
+    by_role = role_ranks(p)
+    ranks = [r for rs in by_role.values() for r in rs]
+    busy: dict[str, float] | None = None
+    for _ in range(iterations):
+        factors = load.slowdowns(ranks, rate, busy)
+        slowdown = {role: sum(factors[r] for r in rs) / len(rs) for role, rs in by_role.items()}
+        ev = SlowedEvaluator(model, workload, slo, settings, slowdown=slowdown)
+        result = ev.run(p, rate)
+        # instances and ranks come in the same order (ClusterSpec's, LocalCluster's)
+        span = max(result.end_s, 1e-9)
+        busy = {r: b / span for r, b in zip(ranks, result.busy_s.values(), strict=True)}
     d_ttft, d_tpot = latency_offsets_s
     tight = SLO(max(1e-9, slo.ttft_s - d_ttft), max(1e-9, slo.tpot_s - d_tpot), slo.attainment)
     return {
