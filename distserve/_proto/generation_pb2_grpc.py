@@ -40,6 +40,11 @@ class GenerationStub:
                 request_serializer=distserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=distserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/distserve.v1.Generation/GenerateStream',
+                request_serializer=distserve_dot_v1_dot_generation__pb2.GenerateCalls.SerializeToString,
+                response_deserializer=distserve_dot_v1_dot_generation__pb2.GenerateEvents.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/distserve.v1.Generation/GetModelInfo',
                 request_serializer=distserve_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
@@ -52,6 +57,13 @@ class GenerationServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
+        """Many Generate requests multiplexed on one stream (see above).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -69,6 +81,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=distserve_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=distserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=distserve_dot_v1_dot_generation__pb2.GenerateCalls.FromString,
+                    response_serializer=distserve_dot_v1_dot_generation__pb2.GenerateEvents.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -103,6 +120,33 @@ class Generation:
             '/distserve.v1.Generation/Generate',
             distserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             distserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/distserve.v1.Generation/GenerateStream',
+            distserve_dot_v1_dot_generation__pb2.GenerateCalls.SerializeToString,
+            distserve_dot_v1_dot_generation__pb2.GenerateEvents.FromString,
             options,
             channel_credentials,
             insecure,
