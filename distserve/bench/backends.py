@@ -1,12 +1,14 @@
 """How ``distserve bench`` sends one request and times it, per kind of endpoint.
 
-    grpc://host:port      → GrpcBackend: distserve's own SDK (``distserve.client.AsyncClient``)
+    grpc://host:port      → GrpcBackend: distserve's own SDK (``distserve.client.AsyncClient``,
+                            every request on one multiplexed ``GenerateStream``)
     http(s)://host[:port] → OpenAIBackend: any OpenAI-compatible server's streaming
                             ``/v1/completions`` (distserve's router, vLLM, SGLang,
                             ``transformers serve``), token-id or text prompts
 
-Both fill a :class:`RequestRecord` from the arrival times of token-bearing events; neither
-raises for a failed request (the failure is recorded). ``describe()`` asks the endpoint what it
+Both fill a :class:`RequestRecord` from the arrival times of token-bearing events (over gRPC,
+when the SDK read the message that carried the chunk); neither raises for a failed request (the
+failure is recorded). ``describe()`` asks the endpoint what it
 serves (model name, vocabulary size) where it can say.
 """
 

@@ -1,7 +1,10 @@
 """Python SDK of a distserve router's public gRPC API (``distserve.v1.Generation``).
 
 ``Client`` (blocking) and ``AsyncClient`` (asyncio) send one request each call and measure its
-timings on the client side; errors are the classes of :mod:`distserve.client.errors`. The
+timings on the client side; errors are the classes of :mod:`distserve.client.errors`.
+``AsyncClient`` sends all of its requests on one multiplexed ``GenerateStream`` by default
+(``multiplex=False``: one ``Generate`` call each); ``Client`` makes a call per request unless
+built with ``multiplex=True``. The
 ``distserve generate`` command lives in :mod:`distserve.client.cli`.
 """
 

@@ -37,8 +37,15 @@ class RequestTimeout(DistserveError):
 
 def from_rpc_error(err: grpc.RpcError, endpoint: str, timeout_s: float | None) -> DistserveError:
     """The SDK error for a failed call (``err`` is a ``grpc.Call`` as well as an ``RpcError``)."""
-    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-    details: str = err.details() or ""  # type: ignore[attr-defined]
+    code: grpc.StatusCode | None = err.code()  # type: ignore[attr-defined]
+    return from_status(code, err.details() or "", endpoint, timeout_s)  # type: ignore[attr-defined]
+
+
+def from_status(
+    code: grpc.StatusCode | None, details: str, endpoint: str, timeout_s: float | None
+) -> DistserveError:
+    """The SDK error for a request that ended with status ``code``: a failed call, or a
+    request's ``error`` event on a multiplexed stream (the same status, the same error)."""
     name = code.name if code is not None else "UNKNOWN"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequest(details or "invalid request", code=name, endpoint=endpoint)

@@ -95,8 +95,12 @@ class CompletionBuilder:
         self.decode_instance = ""
         self.end_s = self.send_s
 
-    def add(self, resp: generation_pb2.GenerateResponse) -> StreamChunk:
-        now = time.perf_counter()
+    def add(
+        self, resp: generation_pb2.GenerateResponse, arrival_s: float | None = None
+    ) -> StreamChunk:
+        """The chunk for ``resp``, which arrived at ``arrival_s`` (``time.perf_counter()``;
+        None: now)."""
+        now = time.perf_counter() if arrival_s is None else arrival_s
         self.end_s = now
         self.request_id = resp.request_id or self.request_id
         token_ids = list(resp.token_ids)
