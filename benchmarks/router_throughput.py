@@ -4,14 +4,17 @@ Issue 4's target: >= 1,000 routed requests/s. For each cluster shape and routing
 router process starts (``distserve router``, exactly as deployed) and a process of simulated
 instances registers with it (``distserve.instance.simulated``: real gRPC peers that answer at
 once, without a model). A load generator process then drives the router's public
-``Generation.Generate`` stream with text prompts (shared prefixes, so the prefix-aware policies
-have something to do) and short outputs:
+``Generation`` service with text prompts (shared prefixes, so the prefix-aware policies have
+something to do) and short outputs, as the client SDK does by default (``--client
+multiplexed``: ``AsyncClient``, every request of a connection on one ``GenerateStream``) or
+with one ``Generate`` call per request (``--client per-call``, the raw stub):
 
-    load generator ──Generate──▶ router ══Session══▶ sim prefill ◀──PullKV── sim decode
-     (closed loop)                      ══Session═══════════════════════▶ sim decode
+    load generator ══GenerateStream══▶ router ══Session══▶ sim prefill ◀──PullKV── sim decode
+     (closed loop)   (or Generate calls)      ══Session═══════════════════════▶ sim decode
 
 (the router keeps one multiplexed ``Session`` stream per instance; each message carries a
-batch of prefill / decode / generate entries or of their answers.)
+batch of prefill / decode / generate entries or of their answers; ``GenerateStream`` batches
+requests and their chunks the same way.)
 
 Per policy and router it reports:
   * throughput: closed loop with ``--concurrency`` requests in flight: routed req/s, p50/p99
@@ -26,13 +29,17 @@ Per policy and router it reports:
 ``--floor`` adds a bare grpc.aio relay in the router's place (per-request RPCs: Prefill, then
 a Decode stream, or Generate; no tokenization, policy, detokenization or metrics): the CPU per
 request that a Python grpc.aio router pays for one call per request and phase before doing its
-own work. ``--floor-session`` adds the same relay sending those requests over the router's
-instance sessions (``distserve/router/session.py``) instead: the floor under the router as it is.
+own work. The relay serves ``Generate`` and ``GenerateStream`` alike, so the floor is loaded
+with the same ``--client`` as the router. ``--floor-session`` adds the same relay sending those
+requests over the router's instance sessions (``distserve/router/session.py``) instead: the
+floor under the router as it is.
 
 ``--router-src label=DIR`` (repeatable) runs one router per source tree (e.g. the commit before
 a speed-up, and this one), each with its own simulated instances, all up at once. The load
 generator takes turns between them (and the direct baseline) in slices of ``--slice`` seconds,
 so that a noisy machine weighs on every variant alike; each variant's numbers sum its slices.
+With ``--client multiplexed``, a router from a tree without ``GenerateStream`` is loaded one
+call per request (the SDK falls back to that by itself).
 
 Processes are pinned with ``taskset``: by default the routers get the first allowed core and the
 simulated instances and the load generator share the rest (on a 2-core machine: router on core
@@ -65,6 +72,7 @@ import grpc
 
 from distserve import envs
 from distserve._proto import generation_pb2, generation_pb2_grpc, instance_pb2, instance_pb2_grpc
+from distserve.client import DistserveError
 
 POLICIES = ("round_robin", "least_load", "cache_aware", "preble", "d2lpm")
 SETUPS = {"2p2d": (2, 2, 0), "2c": (0, 0, 2)}  # name -> (prefill, decode, colocated)
@@ -121,7 +129,16 @@ class _Target:
         self.measured_s = 0.0
         self.cpu_s = dict.fromkeys(self.pids, 0.0)
         self.one_at_a_time: list[float] = []
-        if "router" in spec:
+        self.clients: list = []  # --client multiplexed: SDK clients, one connection each
+        if "router" in spec and args.client == "multiplexed":
+            from distserve.client import AsyncClient
+
+            self.clients = [
+                AsyncClient(spec["router"], timeout_s=30, multiplex=True)
+                for _ in range(args.channels)
+            ]
+            self.call = self._via_router_multiplexed
+        elif "router" in spec:
             self.channels = [
                 grpc.aio.insecure_channel(spec["router"]) for _ in range(args.channels)
             ]
@@ -147,6 +164,20 @@ class _Target:
         finish = ""
         async for msg in self.stubs[i % len(self.stubs)].Generate(request, timeout=30):
             finish = msg.finish_reason or finish
+        if not finish:
+            raise RuntimeError("stream ended without a finish reason")
+
+    async def _via_router_multiplexed(self, i: int) -> None:
+        client = self.clients[i % len(self.clients)]
+        finish = None
+        async for chunk in client.stream(
+            self.texts[i % len(self.texts)],
+            max_tokens=self.sampling.max_tokens,
+            temperature=0,
+            ignore_eos=True,
+            client_id=f"c{i % 8}",
+        ):
+            finish = chunk.finish_reason or finish
         if not finish:
             raise RuntimeError("stream ended without a finish reason")
 
@@ -186,9 +217,12 @@ class _Target:
                 try:
                     await self.call(i)
                     ok = True
-                except (grpc.aio.AioRpcError, RuntimeError) as exc:
+                except (grpc.aio.AioRpcError, DistserveError, RuntimeError) as exc:
                     ok = False
-                    code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                    if isinstance(exc, grpc.aio.AioRpcError):
+                        code = exc.code().name
+                    else:
+                        code = getattr(exc, "code", "") or str(exc)
                     self.errors[code] = self.errors.get(code, 0) + 1
                 t1 = time.perf_counter()
                 if ok and window[0] <= t1 <= window[1]:
@@ -241,6 +275,8 @@ class _Target:
         }
 
     async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
         for channel in self.channels:
             await channel.close()
 
@@ -272,9 +308,10 @@ async def _loadgen(args: argparse.Namespace) -> dict:
 class _Relay(generation_pb2_grpc.GenerationServicer, instance_pb2_grpc.RegistryServicer):
     """What any Python grpc.aio router must do per request, and nothing else.
 
-    Generate stream in; Prefill, then a Decode stream out, or a colocated instance's Generate
-    stream (one response per token), with instances taken in turn: no tokenization (prompt
-    bytes as ids), no block hashes, policy, detokenization or metrics. Its CPU per request is
+    A Generate call (or a GenerateStream entry) in; Prefill, then a Decode stream out, or a
+    colocated instance's Generate stream (one response per token), with instances taken in
+    turn: no tokenization (prompt bytes as ids), no block hashes, policy, detokenization or
+    metrics. Its CPU per request is
     the floor the router's own work sits on. Registrations are all accepted. With
     ``use_sessions`` the requests to instances go over one ``InstanceSession`` per instance, as
     the router sends them; otherwise one RPC per request and phase.
@@ -306,7 +343,13 @@ class _Relay(generation_pb2_grpc.GenerationServicer, instance_pb2_grpc.RegistryS
         n = sum(len(s) for s in self.stubs.values())
         return instance_pb2.InstanceList(instances=[instance_pb2.InstanceInfo()] * n)
 
-    async def Generate(self, request, context):
+    async def GenerateStream(self, request_iterator, context):
+        from distserve.rpc.generate_stream import serve_generate_stream
+
+        async for events in serve_generate_stream(request_iterator, self.Generate):
+            yield events
+
+    async def Generate(self, request, context=None):
         self.count += 1
         rid = f"relay-{self.count}"
         engine_request = instance_pb2.EngineRequest(
@@ -517,6 +560,7 @@ def _run_loadgen(args, model: Path, workdir: Path, specs: list[dict]) -> dict[st
     cmd = [sys.executable, __file__, "--loadgen", "--targets", str(targets), "--out", str(out)]
     cmd += ["--model", str(model), "--max-tokens", str(args.max_tokens)]
     cmd += ["--concurrency", str(args.concurrency), "--channels", str(args.channels)]
+    cmd += ["--client", args.client]
     cmd += ["--duration", str(args.duration), "--warmup", str(args.warmup)]
     cmd += ["--slice", str(args.slice), "--num-sequential", str(args.num_sequential)]
     log = workdir / "loadgen.log"
@@ -567,7 +611,11 @@ def main() -> int:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--setups", default=None, help=f"of {list(SETUPS)} (default: all)")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
-    parser.add_argument("--channels", type=int, default=4, help="client connections per router")
+    parser.add_argument("--channels", type=int, default=4,
+                        help="client connections per router (multiplexed: one stream each)")  # fmt: skip
+    parser.add_argument("--client", choices=("multiplexed", "per-call"), default="multiplexed",
+                        help="the SDK's GenerateStream (its default) or one Generate call "
+                        "per request")  # fmt: skip
     parser.add_argument("--duration", type=float, default=None, help="measured s per target")
     parser.add_argument("--slice", type=float, default=2.0, help="s per turn of one target")
     parser.add_argument("--warmup", type=float, default=0.3, help="s unmeasured per turn")
