@@ -24,12 +24,9 @@ CPU time its threads ran and the time they were runnable but waited for a core
 while measuring) and the ranks' other threads (gRPC, transfers) used; and, before the first run,
 what they use per second with no request in flight.
 
-Three simulations per rate: the raw profile; "calibrated" (the low-rate run's extra TTFT and
-TPOT added to every step); and the **testbed model**: the cores are not the devices' alone, so
-each rank's steps take ``1 / (1 - share)`` of their profiled time, ``share`` being the fraction
-of its core the others use at that rate (idle background + CPU per request × rate, both from the
-low-rate run; router and client spread over both cores), and what remains of the low-rate
-latency after that counts as a fixed cost outside the devices (router and gRPC hops).
+Two simulations per rate: the raw profile, and "calibrated" (the low-rate run's extra TTFT
+and TPOT over the simulated ones added to every step's constant term).
+
 Each row also splits a request's TPOT: the first gap (first token → second token: for the
 disaggregated cluster the hand-off — Decode RPC, KV pull, joining the batch) and the median
 of the remaining inter-token gaps.
@@ -55,13 +52,11 @@ from typing import Any
 import numpy as np
 import yaml
 from placement_validate_sim import (
-    HostLoad,
     bench_lengths,
     bench_workload,
     calibrated,
     overheads,
     simulate,
-    simulate_testbed,
 )
 
 from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
@@ -388,31 +383,17 @@ def main() -> int:
         )  # fmt: skip
         dt_prefill, dt_decode = overheads(calib["results"][0], cal_sim)
         tuned = calibrated(model, dt_prefill, dt_decode)
-        # the testbed model: CPU per request that others take from the ranks' cores, and what
-        # is left of the low-rate latency after it as fixed costs (router and gRPC hops)
-        load = HostLoad.measured(calib["rank_cpu"])
-        calib_workload = bench_workload(
-            lengths(args, args.calibration_prompts, args.seed), low, args.seed
-        )
-        bed = simulate_testbed(model, slo, settings, p, calib_workload, low, load)
-        offsets = (
-            max(0.0, calib["results"][0]["ttft_s"]["median"] - bed["p50_ttft_s"]),
-            max(0.0, calib["results"][0]["tpot_s"]["median"] - bed["p50_tpot_s"]),
-        )
         lens = lengths(args, args.num_prompts, args.seed)
         for i, r in enumerate(report["results"]):
             rate = float(r["rate_per_s"])
             workload = bench_workload(lens, rate, args.seed + i)
             raw = simulate(model, slo, settings, p, workload, rate)
             cal = simulate(tuned, slo, settings, p, workload, rate)
-            bed = simulate_testbed(model, slo, settings, p, workload, rate, load, offsets)
             first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,
                 "measured": r["slo_attainment"], "simulated": raw["attainment"],
                 "simulated_calibrated": cal["attainment"],
-                "simulated_testbed": bed["attainment"], "testbed_slowdown": bed["slowdown"],
-                "simulated_testbed_p50_ttft_s": bed["p50_ttft_s"],
                 "measured_p50_ttft_s": r["ttft_s"]["median"], "simulated_p50_ttft_s": raw["p50_ttft_s"],
                 "measured_p50_tpot_s": r["tpot_s"]["median"], "simulated_p50_tpot_s": raw["p50_tpot_s"],
                 "measured_p50_first_gap_s": first_gap, "measured_p50_later_gaps_s": later_gaps,
@@ -424,8 +405,7 @@ def main() -> int:
             "measured_goodput_per_s": report["goodput"]["rate_per_s"],
             "measured_note": report["goodput"]["note"],
             "calibration": {"rate_per_s": low, "prefill_overhead_ms": dt_prefill,
-                            "decode_overhead_ms": dt_decode, "host_load": vars(load),
-                            "fixed_ttft_s": offsets[0], "fixed_tpot_s": offsets[1]},
+                            "decode_overhead_ms": dt_decode},
             "load_avg": {"calibration": calib["load_avg"], "sweep": report["load_avg"]},
             "rank_cpu": {"calibration": calib.get("rank_cpu"), "sweep": report.get("rank_cpu")},
         }  # fmt: skip
@@ -443,16 +423,15 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
     slo = plan["slo"]
     print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
     print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (calibrated) "
-          "| simulated (testbed model) | p50 TTFT meas/sim/testbed (ms) | p50 TPOT meas/sim (ms) "
+          "| p50 TTFT meas/sim (ms) | p50 TPOT meas/sim (ms) "
           "| p50 first gap / later gaps (ms) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         m, raw, cal = r["measured"], r["simulated"], r["simulated_calibrated"]
-        bed = r["simulated_testbed"]
         print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {raw:.3f} ({100 * (raw - m):+.0f}) "
-              f"| {cal:.3f} ({100 * (cal - m):+.0f}) | {bed:.3f} ({100 * (bed - m):+.0f}) "
+              f"| {cal:.3f} ({100 * (cal - m):+.0f}) "
               f"| {1e3 * r['measured_p50_ttft_s']:.0f} / "
-              f"{1e3 * r['simulated_p50_ttft_s']:.0f} / {1e3 * r['simulated_testbed_p50_ttft_s']:.0f} "
+              f"{1e3 * r['simulated_p50_ttft_s']:.0f} "
               f"| {1e3 * r['measured_p50_tpot_s']:.1f} / "
               f"{1e3 * r['simulated_p50_tpot_s']:.1f} | {1e3 * r['measured_p50_first_gap_s']:.0f} / "
               f"{1e3 * r['measured_p50_later_gaps_s']:.1f} |")  # fmt: skip
@@ -467,12 +446,6 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
         print(f"{name}: {s['placement']} predicted {s['predicted_goodput_per_s']:.2f} req/s, "
               f"measured {shown} req/s ({s['measured_note']}); live overhead per step: prefill "
               f"{cal['prefill_overhead_ms']:.1f} ms, decode {cal['decode_overhead_ms']:.1f} ms")  # fmt: skip
-        if "host_load" in cal:
-            load = cal["host_load"]
-            others = ", ".join(f"{k} {v:.1f} ms" for k, v in load["rank_other_ms"].items())
-            print(f"  testbed model (from the low-rate run): router + client {load['host_ms']:.1f} ms "
-                  f"CPU per request, the ranks' other threads {others}; fixed TTFT "
-                  f"{1e3 * cal['fixed_ttft_s']:.1f} ms, TPOT {1e3 * cal['fixed_tpot_s']:.2f} ms")  # fmt: skip
         sweep = s["rank_cpu"]["sweep"] or {}
         ranks = {k: v for k, v in sweep.items() if k.startswith("rank")}
         if ranks:
@@ -483,8 +456,10 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
             print(f"  cpu share the ranks got during the sweep (ran / runnable): {shares}")
         if "router_cpu_s" in sweep and sweep["num_requests"]:
             n = sweep["num_requests"]
+            client = sweep.get("client_measured_cpu_s", sweep["client_cpu_s"])
+            measured = sweep.get("num_measured", n)
             print(f"  host CPU per request: router {1e3 * sweep['router_cpu_s'] / n:.1f} ms, "
-                  f"bench client {1e3 * sweep['client_cpu_s'] / n:.1f} ms; instance threads "
+                  f"bench client {1e3 * client / max(1, measured):.1f} ms (while measuring); instance threads "
                   "other than the engine's: " + ", ".join(
                       f"{k} {1e3 * v['other_threads_ran_s'] / n:.1f} ms" for k, v in ranks.items()
                   ))  # fmt: skip
