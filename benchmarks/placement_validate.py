@@ -24,8 +24,11 @@ CPU time its threads ran and the time they were runnable but waited for a core
 while measuring) and the ranks' other threads (gRPC, transfers) used; and, before the first run,
 what they use per second with no request in flight.
 
-Two simulations per rate: the raw profile, and "calibrated" (the low-rate run's extra TTFT
-and TPOT over the simulated ones added to every step's constant term).
+Three simulations per rate: the raw profile; "calibrated" (the low-rate run's extra TTFT and
+TPOT over the simulated ones added to every step's constant term); and "shared cores": every
+step of a role ``1 / share`` times the profile's, ``share`` being the part of its core the
+role's engine threads got while runnable in the low-rate run (the rest went to the router, the
+bench client and the rank's own gRPC and transfer threads, which a GPU's host keeps off it).
 
 Each row also splits a request's TPOT: the first gap (first token → second token: for the
 disaggregated cluster the hand-off — Decode RPC, KV pull, joining the batch) and the median
@@ -55,8 +58,10 @@ from placement_validate_sim import (
     bench_lengths,
     bench_workload,
     calibrated,
+    engine_slowdown,
     overheads,
     simulate,
+    simulate_shared,
 )
 
 from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
@@ -383,17 +388,21 @@ def main() -> int:
         )  # fmt: skip
         dt_prefill, dt_decode = overheads(calib["results"][0], cal_sim)
         tuned = calibrated(model, dt_prefill, dt_decode)
+        slowdown = engine_slowdown(p, calib["rank_cpu"]) if "rank_cpu" in calib else {}
         lens = lengths(args, args.num_prompts, args.seed)
         for i, r in enumerate(report["results"]):
             rate = float(r["rate_per_s"])
             workload = bench_workload(lens, rate, args.seed + i)
             raw = simulate(model, slo, settings, p, workload, rate)
             cal = simulate(tuned, slo, settings, p, workload, rate)
+            shared = simulate_shared(model, slo, settings, p, workload, rate, slowdown)
             first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,
                 "measured": r["slo_attainment"], "simulated": raw["attainment"],
                 "simulated_calibrated": cal["attainment"],
+                "simulated_shared_cores": shared["attainment"],
+                "simulated_shared_cores_p50_ttft_s": shared["p50_ttft_s"],
                 "measured_p50_ttft_s": r["ttft_s"]["median"], "simulated_p50_ttft_s": raw["p50_ttft_s"],
                 "measured_p50_tpot_s": r["tpot_s"]["median"], "simulated_p50_tpot_s": raw["p50_tpot_s"],
                 "measured_p50_first_gap_s": first_gap, "measured_p50_later_gaps_s": later_gaps,
@@ -405,7 +414,7 @@ def main() -> int:
             "measured_goodput_per_s": report["goodput"]["rate_per_s"],
             "measured_note": report["goodput"]["note"],
             "calibration": {"rate_per_s": low, "prefill_overhead_ms": dt_prefill,
-                            "decode_overhead_ms": dt_decode},
+                            "decode_overhead_ms": dt_decode, "engine_slowdown": slowdown},
             "load_avg": {"calibration": calib["load_avg"], "sweep": report["load_avg"]},
             "rank_cpu": {"calibration": calib.get("rank_cpu"), "sweep": report.get("rank_cpu")},
         }  # fmt: skip
@@ -423,15 +432,16 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
     slo = plan["slo"]
     print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
     print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (calibrated) "
-          "| p50 TTFT meas/sim (ms) | p50 TPOT meas/sim (ms) "
+          "| simulated (shared cores) | p50 TTFT meas/sim/shared (ms) | p50 TPOT meas/sim (ms) "
           "| p50 first gap / later gaps (ms) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         m, raw, cal = r["measured"], r["simulated"], r["simulated_calibrated"]
+        shared = r["simulated_shared_cores"]
         print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {raw:.3f} ({100 * (raw - m):+.0f}) "
-              f"| {cal:.3f} ({100 * (cal - m):+.0f}) "
+              f"| {cal:.3f} ({100 * (cal - m):+.0f}) | {shared:.3f} ({100 * (shared - m):+.0f}) "
               f"| {1e3 * r['measured_p50_ttft_s']:.0f} / "
-              f"{1e3 * r['simulated_p50_ttft_s']:.0f} "
+              f"{1e3 * r['simulated_p50_ttft_s']:.0f} / {1e3 * r['simulated_shared_cores_p50_ttft_s']:.0f} "
               f"| {1e3 * r['measured_p50_tpot_s']:.1f} / "
               f"{1e3 * r['simulated_p50_tpot_s']:.1f} | {1e3 * r['measured_p50_first_gap_s']:.0f} / "
               f"{1e3 * r['measured_p50_later_gaps_s']:.1f} |")  # fmt: skip
@@ -446,6 +456,9 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
         print(f"{name}: {s['placement']} predicted {s['predicted_goodput_per_s']:.2f} req/s, "
               f"measured {shown} req/s ({s['measured_note']}); live overhead per step: prefill "
               f"{cal['prefill_overhead_ms']:.1f} ms, decode {cal['decode_overhead_ms']:.1f} ms")  # fmt: skip
+        if cal.get("engine_slowdown"):
+            factors = ", ".join(f"{k} ×{v:.2f}" for k, v in cal["engine_slowdown"].items())
+            print(f"  shared cores (engine threads' share in the low-rate run): steps {factors}")
         sweep = s["rank_cpu"]["sweep"] or {}
         ranks = {k: v for k, v in sweep.items() if k.startswith("rank")}
         if ranks:

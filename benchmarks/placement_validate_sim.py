@@ -10,7 +10,7 @@ core with the instance's gRPC server — none of which ``engine.step()`` timings
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,10 @@ import numpy as np
 from distserve.bench import workloads
 from distserve.bench.arrivals import gamma_arrivals
 from distserve.bench.workloads import WorkloadRequest
-from placement.evaluate import SLO, Evaluator, Placement, SimSettings
+from placement.evaluate import SLO, Evaluator, PhaseConfig, Placement, SimSettings
+from placement.latency_model import LatencyModel
 from placement.profile_format import ModelProfile
+from placement.simulator import InstanceSpec
 from placement.workload import BLOCK_SIZE, Workload
 
 
@@ -93,3 +95,75 @@ def overheads(measured: dict[str, Any], simulated: dict[str, float]) -> tuple[fl
     ttft = measured["ttft_s"]["median"] - simulated["p50_ttft_s"]
     tpot = measured["tpot_s"]["median"] - simulated["p50_tpot_s"]
     return max(0.0, 1e3 * ttft), max(0.0, 1e3 * tpot)
+
+
+# ---- cores shared with the serving stack -------------------------------------------------------
+def scaled(lat: LatencyModel, factor: float) -> LatencyModel:
+    """``lat`` with every step ``factor`` times longer."""
+
+    def times(c: tuple[float, float, float]) -> tuple[float, float, float]:
+        return (c[0] * factor, c[1] * factor, c[2] * factor)
+
+    return replace(
+        lat,
+        prefill=times(lat.prefill),
+        decode_small=times(lat.decode_small),
+        decode_large=times(lat.decode_large),
+        stage_overhead_ms=lat.stage_overhead_ms * factor,
+    )
+
+
+@dataclass
+class SharedCoresEvaluator(Evaluator):
+    """An evaluator whose instances of each role run ``slowdown[role]`` times slower."""
+
+    slowdown: dict[str, float] = field(default_factory=dict)
+
+    def instance(self, role: str, cfg: PhaseConfig) -> InstanceSpec:
+        spec = super().instance(role, cfg)
+        factor = self.slowdown.get(role, 1.0)
+        return spec if factor == 1.0 else replace(spec, latency=scaled(spec.latency, factor))
+
+
+def role_ranks(p: Placement) -> dict[str, list[str]]:
+    """The rank processes of each role (``LocalCluster`` starts prefill ranks, then decode, then
+    colocated)."""
+    out, k = {}, 0
+    for role, cfg, num in (
+        ("prefill", p.prefill, p.num_prefill),
+        ("decode", p.decode, p.num_decode),
+        ("colocated", p.colocated, p.num_colocated),
+    ):
+        if cfg is not None and num:
+            size = cfg.tp * cfg.pp * num
+            out[role] = [f"rank{i}" for i in range(k, k + size)]
+            k += size
+    return out
+
+
+def engine_slowdown(p: Placement, cpu: dict[str, Any]) -> dict[str, float]:
+    """Per role, 1 / the share of its core the engine thread got while runnable (mean over the
+    role's ranks) in a measured run: the router, the bench client and the rank's own gRPC and
+    transfer threads took the rest, so each step took that much longer than the profile's."""
+    return {
+        role: sum(1.0 / cpu[r]["engine_cpu_share"] for r in ranks) / len(ranks)
+        for role, ranks in role_ranks(p).items()
+    }
+
+
+def simulate_shared(
+    model: ModelProfile,
+    slo: SLO,
+    settings: SimSettings,
+    p: Placement,
+    workload: Workload,
+    rate: float,
+    slowdown: dict[str, float],
+) -> dict[str, float]:
+    ev = SharedCoresEvaluator(model, workload, slo, settings, slowdown=slowdown)
+    result = ev.run(p, rate)
+    return {
+        "attainment": ev.measure(result).joint,
+        "p50_ttft_s": float(np.median(result.ttft_s)),
+        "p50_tpot_s": float(np.median(result.tpot_s)),
+    }
