@@ -65,6 +65,7 @@ class InstanceRuntime:
         self.address = ""
         self.server: grpc.aio.Server | None = None
         self.loop: EngineLoop | None = None
+        self.servicer: InstanceServicer | None = None
         self.metrics = InstanceMetrics(
             options.instance_id, options.role, Path(engine.config.model).name
         )
@@ -91,7 +92,7 @@ class InstanceRuntime:
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
         self.address = f"{self.options.host}:{port}"
-        servicer = InstanceServicer(
+        self.servicer = servicer = InstanceServicer(
             self.loop,
             self.options.instance_id,
             self.options.role,
@@ -116,6 +117,8 @@ class InstanceRuntime:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self.servicer is not None:
+            self.servicer.draining = True  # refuse what arrives on open sessions meanwhile
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.loop is not None:

@@ -48,6 +48,10 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         self.ranks = ranks
         self.layout = layout
         self._stats = stats
+        # Set when the instance starts shutting down: new requests (on a Session stream that is
+        # still open during the server's grace period, too) get UNAVAILABLE, so the router
+        # retries a prefill elsewhere; the requests already admitted finish.
+        self.draining = False
 
     # ---- helpers -------------------------------------------------------------------------
     def _require_role(self, *roles: str) -> None:
@@ -59,6 +63,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     async def _admit(self, request_id: str, add: Callable[[], Any]) -> asyncio.Queue:
         if not request_id:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        if self.draining:
+            raise CallError(grpc.StatusCode.UNAVAILABLE, f"{self.instance_id} is shutting down")
         stream = self.loop.open_stream(request_id)
         try:
             await self.loop.call(add)
