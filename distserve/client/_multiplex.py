@@ -26,6 +26,7 @@ arrive in one message share it. Errors are the ones a ``Generate`` call would gi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -91,7 +92,10 @@ class MultiplexedStream:
             )
         inbox = Inbox(self.loop)
         if timeout_s is not None:
-            inbox.timer = self.loop.call_later(timeout_s, self._expire, rid, timeout_s)
+            deadline_error = functools.partial(
+                from_status, grpc.StatusCode.DEADLINE_EXCEEDED, "", self.endpoint, timeout_s
+            )
+            inbox.expire_after(timeout_s, deadline_error)
         self.inboxes[rid] = inbox
         self.outbox.add(size, request=request)
         return inbox
@@ -104,12 +108,6 @@ class MultiplexedStream:
         inbox.cancel_timer()
         if cancel and not self.is_dead:
             self.outbox.add(len(rid), cancel=rid)
-
-    def _expire(self, rid: str, timeout_s: float) -> None:
-        inbox = self.inboxes.get(rid)
-        if inbox is not None:
-            inbox.timer = None
-            inbox.put(from_status(grpc.StatusCode.DEADLINE_EXCEEDED, "", self.endpoint, timeout_s))
 
     # ---- the stream ----------------------------------------------------------------------
     async def _write(self) -> None:

@@ -5,8 +5,12 @@ A gRPC call costs far more CPU than a message on a stream that is already open, 
 can carry a batch; so instead of one call per request and phase, each (router, instance) pair
 keeps one bidirectional stream, and each message carries every entry ready at the time::
 
-    callers ──prefill / decode / generate──▶ outbox ──writer task──SessionCalls──▶ instance
-    callers ◀── per-request inbox ◀── reader task ◀──SessionEvents──────────────── instance
+    callers ──prefill / decode / generate──▶ Outbox ──writer task──SessionCalls──▶ instance
+    callers ◀── per-request Inbox ◀── reader task ◀──SessionEvents──────────────── instance
+
+``Outbox`` (batching entries into messages) and ``Inbox`` (a request's events and deadline) are
+the client half's shared parts in ``rpc/multiplex.py``; the SDK's ``GenerateStream`` client
+uses them too.
 
 A request's life on a session (``_Stream``), by request id::
 
@@ -19,13 +23,14 @@ and ``details()`` like ``grpc.aio.AioRpcError``. A stream that broke is dead; th
 opens a new one. The session is opened lazily (on the first request) over the instance's
 channel, and closed by the registry when the instance leaves and at router shutdown.
 
-Owns no routing or retry logic (``core.py``) and no instance state (``registry.py``).
+Owns no routing or retry logic (``core.py``), no instance state (``registry.py``) and no
+batching or inbox machinery (``rpc/multiplex.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +38,7 @@ from typing import Any
 import grpc
 
 from distserve._proto import instance_pb2, instance_pb2_grpc
+from distserve.rpc.multiplex import STATUS_CODES, Inbox, Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +51,6 @@ CHANNEL_OPTIONS = [
 # Caps on one SessionCalls message (prompt token ids are at most 5 bytes each on the wire).
 MAX_CALLS_PER_MESSAGE = 256
 MAX_TOKENS_PER_MESSAGE = 1 << 20
-
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class SessionCallError(Exception):
@@ -68,35 +72,13 @@ class SessionCallError(Exception):
 
     @classmethod
     def from_proto(cls, error: instance_pb2.SessionError) -> SessionCallError:
-        return cls(_STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.details)
+        return cls(STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.details)
 
 
-class _Inbox:
-    """One request's events in arrival order: ``SessionEvent``\\ s from the instance, or a
-    :class:`SessionCallError` made here (deadline, broken stream)."""
-
-    __slots__ = ("items", "loop", "timer", "waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.items: collections.deque[Any] = collections.deque()
-        self.loop = loop
-        self.waiter: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def put(self, item: Any) -> None:
-        self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def get(self) -> instance_pb2.SessionEvent:
-        """The next event; raises the :class:`SessionCallError` made here, if that is next."""
-        while not self.items:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        item = self.items.popleft()
-        if isinstance(item, SessionCallError):
-            raise item
-        return item
+# What a request whose deadline passed fails with (put in its inbox by the deadline timer).
+_DEADLINE_EXCEEDED = functools.partial(
+    SessionCallError, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+)
 
 
 class _Stream:
@@ -106,25 +88,34 @@ class _Stream:
         self.instance_id = instance_id
         self.loop = asyncio.get_running_loop()
         self.call = stub.Session()
-        self.inboxes: dict[str, _Inbox] = {}  # request id -> its events
-        self.outbox: list[instance_pb2.SessionCalls] = []  # oldest first; the last one fills
-        self.num_outbox_tokens = 0  # prompt token ids in the last message of the outbox
-        self.wake = asyncio.Event()  # set when the outbox has something to send
+        self.inboxes: dict[str, Inbox] = {}  # request id -> its SessionEvents
+        # an entry's size: its prompt token ids
+        self.outbox: Outbox[instance_pb2.SessionCalls] = Outbox(
+            instance_pb2.SessionCalls,
+            "calls",
+            max_entries=MAX_CALLS_PER_MESSAGE,
+            max_size=MAX_TOKENS_PER_MESSAGE,
+        )
         self.is_dead = False
         self.writer = self.loop.create_task(self._write())
         self.reader = self.loop.create_task(self._read())
 
     # ---- requests ------------------------------------------------------------------------
-    def open(self, rid: str, timeout_s: float | None) -> _Inbox:
+    def open(self, kind: str, rid: str, request: Any, timeout_s: float | None) -> Inbox:
+        """Queue ``request`` as a ``prefill``, ``decode`` or ``generate`` entry for the next
+        message, and return the inbox of its events."""
         if rid in self.inboxes:
             raise SessionCallError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request {rid} is already in flight on {self.instance_id}",
             )
-        inbox = _Inbox(self.loop)
+        prompt = request.request if kind == "decode" else request
+        num_tokens = len(prompt.prompt_token_ids)
+        inbox = Inbox(self.loop)
         if timeout_s is not None:
-            inbox.timer = self.loop.call_later(timeout_s, self._expire, rid)
+            inbox.expire_after(timeout_s, _DEADLINE_EXCEEDED)
         self.inboxes[rid] = inbox
+        self.outbox.add(num_tokens, **{kind: request})
         return inbox
 
     def release(self, rid: str, abort: bool) -> None:
@@ -132,46 +123,17 @@ class _Stream:
         inbox = self.inboxes.pop(rid, None)
         if inbox is None:
             return
-        if inbox.timer is not None:
-            inbox.timer.cancel()
+        inbox.cancel_timer()
         if abort and not self.is_dead:
-            self._calls(0).add(abort=rid)
-            self.wake.set()
-
-    def _expire(self, rid: str) -> None:
-        inbox = self.inboxes.get(rid)
-        if inbox is not None:
-            inbox.timer = None
-            inbox.put(SessionCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
-
-    def _calls(self, num_tokens: int) -> Any:
-        """The calls of the outbox message an entry of ``num_tokens`` token ids goes into."""
-        if (
-            not self.outbox
-            or len(self.outbox[-1].calls) >= MAX_CALLS_PER_MESSAGE
-            or self.num_outbox_tokens + num_tokens > MAX_TOKENS_PER_MESSAGE
-        ):
-            self.outbox.append(instance_pb2.SessionCalls())
-            self.num_outbox_tokens = 0
-        self.num_outbox_tokens += num_tokens
-        return self.outbox[-1].calls
-
-    def send(self, kind: str, request: Any) -> None:
-        """Queue a ``prefill``, ``decode`` or ``generate`` entry for the next message."""
-        prompt = request.request if kind == "decode" else request
-        self._calls(len(prompt.prompt_token_ids)).add(**{kind: request})
-        self.wake.set()
+            self.outbox.add(0, abort=rid)
 
     # ---- the stream ----------------------------------------------------------------------
     async def _write(self) -> None:
         try:
             while True:
-                await self.wake.wait()
-                self.wake.clear()
-                while self.outbox:
-                    message = self.outbox.pop(0)
-                    if not self.outbox:
-                        self.num_outbox_tokens = 0
+                await self.outbox.wake.wait()
+                self.outbox.wake.clear()
+                while (message := self.outbox.take()) is not None:
                     # While this write is in flight, new entries gather into the next message.
                     await self.call.write(message)
         except Exception as exc:  # the call ended: AioRpcError, InvalidStateError
@@ -209,9 +171,7 @@ class _Stream:
                 task.cancel()
         details = f"session with {self.instance_id} ended: {why}"
         for inbox in self.inboxes.values():
-            if inbox.timer is not None:
-                inbox.timer.cancel()
-                inbox.timer = None
+            inbox.cancel_timer()
             inbox.put(SessionCallError(grpc.StatusCode.UNAVAILABLE, details))
         self.inboxes.clear()
         self.outbox.clear()
@@ -254,8 +214,7 @@ class InstanceSession:
         """The instance's answer to a Prefill; raises :class:`SessionCallError`."""
         rid = request.request_id
         stream = self._current()
-        inbox = stream.open(rid, timeout_s)
-        stream.send("prefill", request)
+        inbox = stream.open("prefill", rid, request, timeout_s)
         answered = False
         try:
             event = await inbox.get()
@@ -286,8 +245,7 @@ class InstanceSession:
         self, kind: str, rid: str, request: Any, timeout_s: float | None
     ) -> AsyncIterator[instance_pb2.TokenChunk]:
         stream = self._current()
-        inbox = stream.open(rid, timeout_s)
-        stream.send(kind, request)
+        inbox = stream.open(kind, rid, request, timeout_s)
         is_over = False  # the instance sent the request's last event
         try:
             while True:

@@ -1,9 +1,10 @@
 """Many requests on one bidirectional gRPC stream: batched messages, one task per request.
 
-Two services multiplex requests this way: an instance's ``Session`` with the router
-(``instance/session.py``) and the router's public ``GenerateStream`` (``generate_stream.py``,
-served by ``router/grpc_server.py``); the client SDK's multiplexed mode
-(``client/_multiplex.py``) is the client of the latter. Their message types differ; the pump does not. The server half::
+Two services multiplex requests this way: an instance's ``Session`` with the router (server
+half ``instance/session.py``, client half ``router/session.py``) and the router's public
+``GenerateStream`` (server half ``generate_stream.py``, served by ``router/grpc_server.py``;
+client half the SDK's multiplexed mode, ``client/_multiplex.py``). Their message types differ;
+the pump does not. The server half::
 
     calls ──▶ reader ──on_call(entry)──▶ start(id, run) ──▶ one task per request
                 │      cancel entry ──▶ cancel(id)                   │ push(event)
@@ -18,8 +19,15 @@ A request's life on the server half, by request id::
       └─ cancel(id), or the stream breaks: the task is cancelled (its code aborts the request)
 
 When the peer half-closes, the requests already running finish, then the response stream
-ends. A :class:`CallError` touches only its own request. The client half builds on
-:class:`Outbox` (entries out) and :class:`Inbox` (one request's events in).
+ends. A :class:`CallError` touches only its own request.
+
+The client half keeps its own stream, reader and writer tasks and error types, and builds on
+:class:`Outbox` (entries out) and :class:`Inbox` (one request's events in)::
+
+    callers ──entries──▶ Outbox ──writer task──calls──▶ server
+    callers ◀── Inbox.get() ◀── one Inbox per request ◀── reader task ◀──events── server
+                                  └─ an error is put in at the request's deadline
+                                     (expire_after) or when the stream breaks
 
 Batching: a message carries every entry ready when the stream can take one; what is made while
 a message is being written gathers into the next. Nothing waits to fill a batch, so a lone
@@ -111,6 +119,16 @@ class Inbox:
         self.loop = loop
         self.waiter: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None  # the request's deadline, if any
+
+    def expire_after(self, delay_s: float, make_error: Callable[[], BaseException]) -> None:
+        """The request's deadline: ``make_error()`` is put here in ``delay_s`` seconds unless
+        :meth:`cancel_timer` is called first (when the request is released or its stream ends)."""
+        self.cancel_timer()
+        self.timer = self.loop.call_later(delay_s, self._expire, make_error)
+
+    def _expire(self, make_error: Callable[[], BaseException]) -> None:
+        self.timer = None
+        self.put(make_error())
 
     def put(self, item: Any) -> None:
         self.items.append(item)

@@ -30,12 +30,15 @@ class CountingInstance(SimulatedInstance):
         super().__init__(options)
         self.num_call_messages = 0
         self.num_calls = 0
+        self.message_shapes: list[tuple[int, int]] = []  # (entries, prompt token ids) a message
 
     async def Session(self, request_iterator, context):
         async def counted():
             async for message in request_iterator:
                 self.num_call_messages += 1
                 self.num_calls += len(message.calls)
+                num_tokens = sum(len(call.prefill.prompt_token_ids) for call in message.calls)
+                self.message_shapes.append((len(message.calls), num_tokens))
                 yield message
 
         async for events in serve_session(self, counted()):
@@ -142,6 +145,26 @@ def test_many_concurrent_requests_are_demultiplexed_on_one_stream(tiny_llama):
                 ids = prompt(i)
                 assert tokens == [ids[k % len(ids)] for k in range(1 + i % 4)], i
             assert session.num_streams_opened == 1
+
+    asyncio.run(main())
+
+
+def test_a_batch_is_split_at_the_entry_and_token_caps(tiny_llama, monkeypatch):
+    from distserve.router import session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_CALLS_PER_MESSAGE", 4)
+    monkeypatch.setattr(session_module, "MAX_TOKENS_PER_MESSAGE", 12)
+
+    async def main():
+        async with running(tiny_llama, ["prefill"]) as (instances, (session,)):
+            requests = [engine_request(f"c{i}", prompt(i), 2) for i in range(24)]
+            # made in one go, so the entries wait in the outbox together
+            answers = await asyncio.gather(*(session.prefill(r, TIMEOUT_S) for r in requests))
+            assert [a.first_token_id for a in answers] == [prompt(i)[0] for i in range(24)]
+            shapes = instances[0].message_shapes
+            assert sum(n for n, _ in shapes) == 24
+            assert all(n <= 4 and (tokens <= 12 or n == 1) for n, tokens in shapes), shapes
+            assert any(n > 1 for n, _ in shapes)  # still batched under the caps
 
     asyncio.run(main())
 
