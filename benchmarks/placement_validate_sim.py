@@ -167,3 +167,58 @@ def simulate_shared(
         "p50_ttft_s": float(np.median(result.ttft_s)),
         "p50_tpot_s": float(np.median(result.tpot_s)),
     }
+
+
+# ---- the device's speed now vs when it was profiled ---------------------------------------------
+def reference_step_ms(
+    model_path: str, cores: tuple[int, ...] = (0, 1), prompt_len: int = 256
+) -> float:
+    """Median time of one ``prompt_len``-token prefill step on each of ``cores`` (one thread,
+    pinned), averaged over the cores: how fast the devices are at this moment. On a shared VM
+    it drifts by tens of percent within minutes, so the validation measures it right after the
+    profile and again right before each cluster's bench and scales the profile by the ratio."""
+    import os
+    import statistics
+    import time
+
+    import torch
+
+    from distserve.config import CacheConfig, EngineConfig
+    from distserve.engine.llm_engine import LLMEngine
+    from distserve.engine.sampling_params import SamplingParams
+
+    allowed = os.sched_getaffinity(0)
+    threads = torch.get_num_threads()
+    rng = np.random.default_rng(0)
+    try:
+        torch.set_num_threads(1)
+        engine = LLMEngine(
+            EngineConfig(
+                model=model_path,
+                device="cpu",
+                num_threads=1,
+                cache=CacheConfig(block_size=16, cpu_memory_gib=0.25, enable_prefix_caching=False),
+            )
+        )
+        vocab = engine.model_config.vocab_size
+        per_core = []
+        for core in cores:
+            os.sched_setaffinity(0, {core})
+            times = []
+            for k in range(12):
+                ids = rng.integers(0, vocab, size=prompt_len).tolist()
+                engine.add_request(f"ref-{core}-{k}", ids, SamplingParams(max_tokens=1))
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)
+            per_core.append(statistics.median(times[2:]) * 1e3)
+        engine.shutdown()
+    finally:
+        os.sched_setaffinity(0, allowed)
+        torch.set_num_threads(threads)
+    return sum(per_core) / len(per_core)
+
+
+def speed_scaled(slowdown: dict[str, float], drift: float) -> dict[str, float]:
+    """``slowdown`` per role times the device-speed drift (bench-time / profile-time step)."""
+    return {role: f * drift for role, f in slowdown.items()}
