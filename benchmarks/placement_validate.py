@@ -24,14 +24,11 @@ CPU time its threads ran and the time they were runnable but waited for a core
 while measuring) and the ranks' other threads (gRPC, transfers) used; and, before the first run,
 what they use per second with no request in flight.
 
-Four simulations per rate: the raw profile; "calibrated" (the low-rate run's extra TTFT and
+Three simulations per rate: the raw profile; "calibrated" (the low-rate run's extra TTFT and
 TPOT over the simulated ones added to every step's constant term); and "shared cores": every
 step of a role ``1 / share`` times the profile's, ``share`` being the part of its core the
 role's engine threads got while runnable in the low-rate run (the rest went to the router, the
-bench client and the rank's own gRPC and transfer threads, which a GPU's host keeps off it);
-and that times the devices' drift: a reference prefill step timed on the idle cores right after
-the profile and again right before each cluster's runs (this VM's speed moves by tens of
-percent within minutes).
+bench client and the rank's own gRPC and transfer threads, which a GPU's host keeps off it).
 
 Each row also splits a request's TPOT: the first gap (first token → second token: for the
 disaggregated cluster the hand-off — Decode RPC, KV pull, joining the batch) and the median
@@ -63,10 +60,8 @@ from placement_validate_sim import (
     calibrated,
     engine_slowdown,
     overheads,
-    reference_step_ms,
     simulate,
     simulate_shared,
-    speed_scaled,
 )
 
 from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
@@ -101,10 +96,6 @@ def stage_profile(args: argparse.Namespace, work: Path, model: Path) -> Path:
         profile, report = run_profiler(opts)
         save_profile(profile, path)
         print(report)
-    reference = work / "reference_step.json"
-    if not reference.exists():  # the devices' speed right after the profile
-        ms = reference_step_ms(str(model))
-        reference.write_text(json.dumps({"ms": ms, "when": time.strftime("%H:%M:%S")}))
     return path
 
 
@@ -200,7 +191,6 @@ def stage_bench(
         (paths[0], [calibration_rate(plan)], args.calibration_prompts),
         (paths[1], rates, args.num_prompts),
     )
-    reference_ms = reference_step_ms(data["model"])  # the devices' speed now, cores idle
     with LocalCluster(config, log_dir=work / "logs" / name, log_level="WARNING") as cluster:
         if args.host_nice:
             lower_priority(cluster.router.pid, args.host_nice)
@@ -233,7 +223,6 @@ def stage_bench(
             use["client_measured_cpu_s"] = sum(r["client_cpu_s"] for r in report["results"])
             use["idle_cpu_per_s"] = idle
             report["rank_cpu"] = use
-            report["reference_step_ms"] = reference_ms
             path.write_text(json.dumps(report, indent=1))
             os.unlink(str(path) + ".partial")
     return json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
@@ -275,14 +264,6 @@ def cpu_snapshot(cluster: Any) -> dict[str, Any]:
         "router": thread_schedstats(cluster.router.pid),
         "children_cpu_s": usage.ru_utime + usage.ru_stime,
     }
-
-
-def device_drift(work: Path, calib: dict[str, Any]) -> float:
-    """Bench-time / profile-time reference step (1 when either was not measured)."""
-    reference = work / "reference_step.json"
-    if "reference_step_ms" not in calib or not reference.exists():
-        return 1.0
-    return float(calib["reference_step_ms"]) / json.loads(reference.read_text())["ms"]
 
 
 def idle_cpu(cluster: Any, seconds: float = 3.0) -> dict[str, float]:
@@ -408,10 +389,6 @@ def main() -> int:
         dt_prefill, dt_decode = overheads(calib["results"][0], cal_sim)
         tuned = calibrated(model, dt_prefill, dt_decode)
         slowdown = engine_slowdown(p, calib["rank_cpu"]) if "rank_cpu" in calib else {}
-        drift = device_drift(work, calib)
-        sped = speed_scaled(
-            slowdown or {role: 1.0 for role in ("prefill", "decode", "colocated")}, drift
-        )
         lens = lengths(args, args.num_prompts, args.seed)
         for i, r in enumerate(report["results"]):
             rate = float(r["rate_per_s"])
@@ -419,14 +396,12 @@ def main() -> int:
             raw = simulate(model, slo, settings, p, workload, rate)
             cal = simulate(tuned, slo, settings, p, workload, rate)
             shared = simulate_shared(model, slo, settings, p, workload, rate, slowdown)
-            speed = simulate_shared(model, slo, settings, p, workload, rate, sped)
             first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,
                 "measured": r["slo_attainment"], "simulated": raw["attainment"],
                 "simulated_calibrated": cal["attainment"],
                 "simulated_shared_cores": shared["attainment"],
-                "simulated_shared_cores_speed": speed["attainment"],
                 "simulated_shared_cores_p50_ttft_s": shared["p50_ttft_s"],
                 "measured_p50_ttft_s": r["ttft_s"]["median"], "simulated_p50_ttft_s": raw["p50_ttft_s"],
                 "measured_p50_tpot_s": r["tpot_s"]["median"], "simulated_p50_tpot_s": raw["p50_tpot_s"],
@@ -439,8 +414,7 @@ def main() -> int:
             "measured_goodput_per_s": report["goodput"]["rate_per_s"],
             "measured_note": report["goodput"]["note"],
             "calibration": {"rate_per_s": low, "prefill_overhead_ms": dt_prefill,
-                            "decode_overhead_ms": dt_decode, "engine_slowdown": slowdown,
-                            "device_drift": drift},
+                            "decode_overhead_ms": dt_decode, "engine_slowdown": slowdown},
             "load_avg": {"calibration": calib["load_avg"], "sweep": report["load_avg"]},
             "rank_cpu": {"calibration": calib.get("rank_cpu"), "sweep": report.get("rank_cpu")},
         }  # fmt: skip
@@ -458,17 +432,14 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
     slo = plan["slo"]
     print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
     print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (calibrated) "
-          "| simulated (shared cores) | simulated (shared cores × device speed) "
-          "| p50 TTFT meas/sim/shared (ms) | p50 TPOT meas/sim (ms) "
+          "| simulated (shared cores) | p50 TTFT meas/sim/shared (ms) | p50 TPOT meas/sim (ms) "
           "| p50 first gap / later gaps (ms) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         m, raw, cal = r["measured"], r["simulated"], r["simulated_calibrated"]
         shared = r["simulated_shared_cores"]
-        speed = r.get("simulated_shared_cores_speed", math.nan)
         print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {raw:.3f} ({100 * (raw - m):+.0f}) "
               f"| {cal:.3f} ({100 * (cal - m):+.0f}) | {shared:.3f} ({100 * (shared - m):+.0f}) "
-              f"| {speed:.3f} ({100 * (speed - m):+.0f}) "
               f"| {1e3 * r['measured_p50_ttft_s']:.0f} / "
               f"{1e3 * r['simulated_p50_ttft_s']:.0f} / {1e3 * r['simulated_shared_cores_p50_ttft_s']:.0f} "
               f"| {1e3 * r['measured_p50_tpot_s']:.1f} / "
@@ -488,8 +459,6 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
         if cal.get("engine_slowdown"):
             factors = ", ".join(f"{k} ×{v:.2f}" for k, v in cal["engine_slowdown"].items())
             print(f"  shared cores (engine threads' share in the low-rate run): steps {factors}")
-        if cal.get("device_drift"):
-            print(f"  device speed at bench time vs profile time: steps ×{cal['device_drift']:.2f}")
         sweep = s["rank_cpu"]["sweep"] or {}
         ranks = {k: v for k, v in sweep.items() if k.startswith("rank")}
         if ranks:
