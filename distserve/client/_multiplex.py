@@ -26,6 +26,7 @@ arrive in one message share it. Errors are the ones a ``Generate`` call would gi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -40,6 +41,8 @@ from distserve.rpc.multiplex import STATUS_CODES, Inbox, Outbox
 
 logger = logging.getLogger(__name__)
 
+_STATUS_WAIT_S = 1.0  # how long a failed write waits for the call's status to be read
+
 # Caps on one GenerateCalls message, well under the 4 MiB a gRPC server accepts by default.
 MAX_CALLS_PER_MESSAGE = 256
 MAX_BYTES_PER_MESSAGE = 1 << 20
@@ -49,7 +52,15 @@ MAX_STREAMED_REQUEST_BYTES = 3 << 20
 
 
 class NotServed(Exception):
-    """The router does not serve ``GenerateStream``; nothing of the request reached it."""
+    """The stream failed before the router answered anything on it: the request is sent again
+    as its own call. ``unimplemented``: the router said it has no ``GenerateStream`` (an older
+    router), so the client stops trying the stream. grpc's core sometimes reports that refusal
+    as INTERNAL instead (the request's first write races the router's answer); such a stream's
+    requests are sent again too, and the next request tries a stream once more."""
+
+    def __init__(self, details: str, unimplemented: bool) -> None:
+        super().__init__(details)
+        self.unimplemented = unimplemented
 
 
 def request_size(request: generation_pb2.GenerateRequest) -> int:
@@ -77,6 +88,7 @@ class MultiplexedStream:
             max_size=MAX_BYTES_PER_MESSAGE,
         )
         self.is_dead = False
+        self.has_answered = False  # some message came back on this stream
         self.writer = self.loop.create_task(self._write())
         self.reader = self.loop.create_task(self._read())
 
@@ -118,8 +130,13 @@ class MultiplexedStream:
                 while (message := self.outbox.take()) is not None:
                     # While this write is in flight, new entries gather into the next message.
                     await self.call.write(message)
-        except grpc.aio.AioRpcError as exc:  # the call ended; the reader sees the same status
-            self.fail(exc.code(), exc.details() or "")
+        except grpc.aio.AioRpcError as exc:
+            # The call is over. Its status comes with the reader's next read: the write's own
+            # error can be a transport-level INTERNAL that hides the router's answer (e.g.
+            # UNIMPLEMENTED from an older router, which must fall back to per-call requests).
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.reader), _STATUS_WAIT_S)
+            self.fail(exc.code(), exc.details() or "")  # no-op once the reader has failed it
         except Exception as exc:  # the call is over (InvalidStateError): the reader reports why
             logger.debug("GenerateStream write failed: %r", exc)
 
@@ -131,6 +148,7 @@ class MultiplexedStream:
                 if message is grpc.aio.EOF:
                     break
                 arrival_s = time.perf_counter()
+                self.has_answered = True
                 for event in message.events:
                     inbox = self.inboxes.get(event.request_id)
                     if inbox is not None:  # else: released already (cancelled, timed out)
@@ -159,8 +177,9 @@ class MultiplexedStream:
                 task.cancel()
         for inbox in self.inboxes.values():
             inbox.cancel_timer()
-            if code == grpc.StatusCode.UNIMPLEMENTED:
-                inbox.put(NotServed(details))
+            unimplemented = code == grpc.StatusCode.UNIMPLEMENTED
+            if unimplemented or (code == grpc.StatusCode.INTERNAL and not self.has_answered):
+                inbox.put(NotServed(details, unimplemented))
             else:
                 inbox.put(from_status(code, details, self.endpoint, None))
         self.inboxes.clear()

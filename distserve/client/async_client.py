@@ -150,10 +150,11 @@ class AsyncClient:
                     has_yielded = True
                     yield chunk
                 return
-            except NotServed:
-                if has_yielded:  # not reached: UNIMPLEMENTED comes before any answer
+            except NotServed as exc:
+                if has_yielded:  # not reached: the stream had not answered anything
                     raise
-                self.multiplex = False  # an older router: one call per request from now on
+                if exc.unimplemented:
+                    self.multiplex = False  # an older router: one call per request from now on
             finally:
                 await chunks.aclose()
         chunks = self._generate_call(request, limit, builder)

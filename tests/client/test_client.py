@@ -273,10 +273,18 @@ def test_a_router_without_generate_stream_is_served_one_call_per_request():
 
         async def main() -> None:
             async with AsyncClient(address) as client:
-                done = await client.generate("a b", max_tokens=3)
-                assert done.token_ids == [100, 101, 102]
+                # grpc's core now and then reports the refused stream as INTERNAL rather than
+                # UNIMPLEMENTED: that request is still served (one call), and the client tries
+                # the stream again on the next one until it hears UNIMPLEMENTED
+                for _ in range(6):
+                    done = await client.generate("a b", max_tokens=3)
+                    assert done.token_ids == [100, 101, 102]
+                    if not client.multiplex:
+                        break
                 assert not client.multiplex  # it went back to one call per request
+                before = servicer.num_generate_calls
                 await client.generate("c", max_tokens=1)
+                assert servicer.num_generate_calls == before + 1
 
         asyncio.run(main())
-        assert servicer.num_stream_calls == 0 and servicer.num_generate_calls == 2
+        assert servicer.num_stream_calls == 0
