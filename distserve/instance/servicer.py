@@ -18,17 +18,18 @@ from typing import Any
 
 import grpc
 
-from distserve._proto import instance_pb2, instance_pb2_grpc
+from distserve._proto import instance_pb2
 from distserve.instance.engine_loop import EngineLoop, StreamItem
 from distserve.instance.roles import DecodeRole, PrefillDone, PrefillRole, PullInfo, TransferStats
-from distserve.instance.session import CallError, call_error, serve_session, stream_call, unary_call
+from distserve.instance.session import CallError, RequestRPCs, call_error
 from distserve.protocol import layout_mismatch, sampling_from_proto
+from distserve.rpc.multiplex import unary_call
 from distserve.transfer import TransferDescriptor
 
 logger = logging.getLogger(__name__)
 
 
-class InstanceServicer(instance_pb2_grpc.InstanceServicer):
+class InstanceServicer(RequestRPCs):
     def __init__(
         self,
         loop: EngineLoop,
@@ -204,31 +205,6 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             yield chunk
 
     # ---- requests: per-request RPCs and the router's session ------------------------------
-    async def Prefill(
-        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.PrefillResponse:
-        return await unary_call(self.prefill(request), context)
-
-    async def Decode(
-        self, request: instance_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[instance_pb2.TokenChunk]:
-        async for chunk in stream_call(self.decode(request), context):
-            yield chunk
-
-    async def Generate(
-        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[instance_pb2.TokenChunk]:
-        async for chunk in stream_call(self.generate(request), context):
-            yield chunk
-
-    async def Session(
-        self,
-        request_iterator: AsyncIterator[instance_pb2.SessionCalls],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[instance_pb2.SessionEvents]:
-        async for events in serve_session(self, request_iterator):
-            yield events
-
     async def Abort(
         self, request: instance_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> instance_pb2.AbortResponse:

@@ -7,8 +7,9 @@ once, as a :class:`RequestHandler`: ``prefill`` returns a ``PrefillResponse``; `
 :class:`CallError` (a status code and a sentence). Cancelling the task that runs one of them
 aborts that request on the instance. Two ways in share that logic:
 
-- the per-request RPCs (``Prefill``, ``Decode``, ``Generate``): :func:`unary_call` and
-  :func:`stream_call` turn a :class:`CallError` into the RPC's status;
+- the per-request RPCs (``Prefill``, ``Decode``, ``Generate``, in :class:`RequestRPCs`):
+  ``rpc.multiplex``'s ``unary_call`` and ``stream_call`` turn a :class:`CallError` into the
+  RPC's status;
 - the ``Session`` stream (:func:`serve_session`), one per router::
 
       SessionCalls ──▶ reader ──▶ one task per entry ──▶ handler.prefill / decode / generate
@@ -30,17 +31,15 @@ This module owns none of the request logic and no engine state.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import grpc
 
-from distserve._proto import instance_pb2
-from distserve.rpc.multiplex import CallError, RequestPump
+from distserve._proto import instance_pb2, instance_pb2_grpc
+from distserve.rpc.multiplex import CallError, RequestPump, stream_call, unary_call
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Caps on one SessionEvents message, so that a burst of events never meets the peer's message
 # size limit: an event's size is counted in token ids (a token id is at most 5 bytes on the
@@ -68,26 +67,35 @@ class RequestHandler(Protocol):
 
 
 # ---- per-request RPCs ----------------------------------------------------------------------
-async def unary_call(awaitable: Awaitable[T], context: grpc.aio.ServicerContext) -> T:
-    """The answer of a unary handler; a :class:`CallError` ends the RPC with its status."""
-    try:
-        return await awaitable
-    except CallError as exc:
-        await context.abort(exc.code, exc.details)
-        raise  # not reached: abort raises
+class RequestRPCs(instance_pb2_grpc.InstanceServicer):
+    """The ``Instance`` RPCs that only adapt a :class:`RequestHandler`: ``Prefill``, ``Decode``
+    and ``Generate`` one call per request, and the router's ``Session`` stream. Real and
+    simulated instances inherit these and write only the request logic."""
 
+    async def Prefill(
+        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
+    ) -> instance_pb2.PrefillResponse:
+        return await unary_call(self.prefill(request), context)  # type: ignore[attr-defined]
 
-async def stream_call(
-    chunks: AsyncIterator[T], context: grpc.aio.ServicerContext
-) -> AsyncIterator[T]:
-    """Relay a streaming handler's messages; a :class:`CallError` ends the RPC with its status."""
-    try:
-        async for chunk in chunks:
+    async def Decode(
+        self, request: instance_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        async for chunk in stream_call(self.decode(request), context):  # type: ignore[attr-defined]
             yield chunk
-    except CallError as exc:
-        await context.abort(exc.code, exc.details)
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def Generate(
+        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[instance_pb2.TokenChunk]:
+        async for chunk in stream_call(self.generate(request), context):  # type: ignore[attr-defined]
+            yield chunk
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[instance_pb2.SessionCalls],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[instance_pb2.SessionEvents]:
+        async for events in serve_session(self, request_iterator):  # type: ignore[arg-type]
+            yield events
 
 
 def call_error(exc: ValueError | RuntimeError) -> CallError:

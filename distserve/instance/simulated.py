@@ -54,7 +54,7 @@ from distserve._proto import instance_pb2, instance_pb2_grpc
 from distserve.engine.block_hash import block_hashes
 from distserve.engine.kv_spec import KVCacheSpec
 from distserve.instance.registration import GRPC_OPTIONS, RegistrationRefused, register
-from distserve.instance.session import CallError, serve_session, stream_call, unary_call
+from distserve.instance.session import CallError, RequestRPCs
 from distserve.protocol import (
     layout_mismatch,
     layout_to_proto,
@@ -97,7 +97,7 @@ class _Lease:
     expires_s: float
 
 
-class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
+class SimulatedInstance(RequestRPCs):
     """One simulated instance: its gRPC server, its registration and its heartbeats."""
 
     def __init__(self, options: SimulatedOptions) -> None:
@@ -388,31 +388,6 @@ class SimulatedInstance(instance_pb2_grpc.InstanceServicer):
             self._aborted.discard(rid)
 
     # ---- Instance service ----------------------------------------------------------------
-    async def Prefill(
-        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
-    ) -> instance_pb2.PrefillResponse:
-        return await unary_call(self.prefill(request), context)
-
-    async def Decode(
-        self, request: instance_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[instance_pb2.TokenChunk]:
-        async for chunk in stream_call(self.decode(request), context):
-            yield chunk
-
-    async def Generate(
-        self, request: instance_pb2.EngineRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[instance_pb2.TokenChunk]:
-        async for chunk in stream_call(self.generate(request), context):
-            yield chunk
-
-    async def Session(
-        self,
-        request_iterator: AsyncIterator[instance_pb2.SessionCalls],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[instance_pb2.SessionEvents]:
-        async for events in serve_session(self, request_iterator):
-            yield events
-
     async def Abort(
         self, request: instance_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> instance_pb2.AbortResponse:

@@ -29,7 +29,7 @@ from distserve.protocol import sampling_from_proto
 from distserve.router.core import RouterCore
 from distserve.router.types import FrontChunk, FrontRequest, InvalidRequestError, ServiceError
 from distserve.rpc.generate_stream import serve_generate_stream
-from distserve.rpc.multiplex import CallError
+from distserve.rpc.multiplex import CallError, stream_call
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -40,14 +40,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        responses = self._responses(request)
-        try:
-            async for msg in responses:
-                yield msg
-        except CallError as exc:
-            await context.abort(exc.code, exc.details)
-        finally:
-            await responses.aclose()  # the call was cancelled: abort the request
+        # a cancelled call closes the responses, which aborts the request
+        async for msg in stream_call(self._responses(request), context):
+            yield msg
 
     async def GenerateStream(
         self,

@@ -49,6 +49,7 @@ import grpc
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 M = TypeVar("M")  # a batch message type: SessionEvents, GenerateEvents, GenerateCalls, ...
 
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # wire value -> StatusCode
@@ -61,6 +62,29 @@ class CallError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+# ---- one call per request: the same CallError as the RPC's status -------------------------
+async def unary_call(awaitable: Awaitable[T], context: grpc.aio.ServicerContext) -> T:
+    """The answer of a unary handler; a :class:`CallError` ends the RPC with its status."""
+    try:
+        return await awaitable
+    except CallError as exc:
+        await context.abort(exc.code, exc.details)
+        raise  # not reached: abort raises
+
+
+async def stream_call(
+    chunks: AsyncIterator[T], context: grpc.aio.ServicerContext
+) -> AsyncIterator[T]:
+    """Relay a streaming handler's messages; a :class:`CallError` ends the RPC with its status."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except CallError as exc:
+        await context.abort(exc.code, exc.details)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 class Outbox(Generic[M]):
