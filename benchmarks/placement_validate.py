@@ -61,7 +61,6 @@ from placement_validate_sim import (
     engine_slowdown,
     overheads,
     simulate,
-    simulate_shared,
 )
 
 from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
@@ -395,7 +394,7 @@ def main() -> int:
             workload = bench_workload(lens, rate, args.seed + i)
             raw = simulate(model, slo, settings, p, workload, rate)
             cal = simulate(tuned, slo, settings, p, workload, rate)
-            shared = simulate_shared(model, slo, settings, p, workload, rate, slowdown)
+            shared = simulate(model, slo, settings, p, workload, rate, slowdown)
             first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,

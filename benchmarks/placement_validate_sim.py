@@ -62,8 +62,11 @@ def simulate(
     p: Placement,
     workload: Workload,
     rate: float,
+    slowdown: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    ev = Evaluator(model, workload, slo, settings)
+    """Attainment and medians of ``p`` at ``rate``; ``slowdown``: per role, steps that many
+    times the profile's (see :class:`SharedCoresEvaluator`)."""
+    ev = SharedCoresEvaluator(model, workload, slo, settings, slowdown=dict(slowdown or {}))
     result = ev.run(p, rate)
     return {
         "attainment": ev.measure(result).joint,
@@ -148,22 +151,4 @@ def engine_slowdown(p: Placement, cpu: dict[str, Any]) -> dict[str, float]:
     return {
         role: sum(1.0 / cpu[r]["engine_cpu_share"] for r in ranks) / len(ranks)
         for role, ranks in role_ranks(p).items()
-    }
-
-
-def simulate_shared(
-    model: ModelProfile,
-    slo: SLO,
-    settings: SimSettings,
-    p: Placement,
-    workload: Workload,
-    rate: float,
-    slowdown: dict[str, float],
-) -> dict[str, float]:
-    ev = SharedCoresEvaluator(model, workload, slo, settings, slowdown=slowdown)
-    result = ev.run(p, rate)
-    return {
-        "attainment": ev.measure(result).joint,
-        "p50_ttft_s": float(np.median(result.ttft_s)),
-        "p50_tpot_s": float(np.median(result.tpot_s)),
     }
