@@ -5,6 +5,8 @@
 - ``DISTSERVE_HOST``: the address this node's instances advertise to the router (multi-node).
 - ``DISTSERVE_KERNELS_LIB``: the native CPU kernel library to load instead of the checkout's
   ``csrc/build/libdistserve_kv.so`` (``distserve.kernels``).
+- ``DISTSERVE_TIMELINE``: a folder; every process appends per-request timeline events there
+  (``distserve.timeline``; off by default).
 - ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``: set by torchrun.
 """
 
@@ -30,6 +32,11 @@ def kernels_lib() -> Path | None:
     """The native kernel library named by ``DISTSERVE_KERNELS_LIB``, or None when unset."""
     path = os.environ.get("DISTSERVE_KERNELS_LIB")
     return Path(path) if path else None
+
+
+def timeline_dir() -> str | None:
+    """The folder named by ``DISTSERVE_TIMELINE``, or None when unset."""
+    return os.environ.get("DISTSERVE_TIMELINE") or None
 
 
 def torchrun_env() -> dict[str, str]:

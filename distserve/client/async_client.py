@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from distserve import timeline
 from distserve._proto import generation_pb2, generation_pb2_grpc
 from distserve.client._multiplex import (
     MAX_STREAMED_REQUEST_BYTES,
@@ -178,8 +179,10 @@ class AsyncClient:
         if not request.request_id:
             request.request_id = fresh_request_id()
         rid = request.request_id
+        timeline.mark(rid, "client.send")
         inbox = stream.open(request, size, limit)
         is_over = False  # the router sent the request's last event
+        first = True
         try:
             while True:
                 arrival_s, event = await inbox.get()
@@ -187,6 +190,9 @@ class AsyncClient:
                     is_over = True
                     raise event_error(event, self.endpoint, limit)
                 is_over = bool(event.chunk.finish_reason)
+                if first:
+                    timeline.mark(rid, "client.first", arrival_s)  # perf_counter is monotonic
+                    first = False
                 yield builder.add(event.chunk, arrival_s)
                 if is_over:
                     return

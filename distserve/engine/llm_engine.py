@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distserve import timeline
 from distserve.config import EngineConfig
 from distserve.engine.executor import (
     Executor,
@@ -208,6 +209,7 @@ class LLMEngine:
     ) -> Request:
         request = self._new_request(request_id, prompt_token_ids, params, client_id, arrival_s)
         self.scheduler.add(request)
+        timeline.mark(request_id, "engine.admitted")
         return request
 
     def add_transferred_request(
@@ -331,6 +333,11 @@ class LLMEngine:
         if self.last_step_was_idle:
             return []  # nothing can run now (e.g. a prefill pool full of leased blocks)
         inputs, sampling = None, []
+        step_start = time.monotonic()
+        if timeline.enabled():
+            for r in batch.requests:
+                if r.first_token_s is None:  # the first of its steps counts
+                    timeline.mark(r.request_id, "engine.scheduled", step_start)
         if not batch.is_empty:
             block_tables = [self.kv.block_ids(r.request_id) for r in batch.requests]
             inputs, sampling = build_step_inputs(batch, block_tables, self.kv.block_size)
@@ -341,6 +348,10 @@ class LLMEngine:
         )
         logits, per_rank = self.executor.run(cmd)
         self._tally(per_rank)
+        if timeline.enabled() and not batch.is_empty:
+            timeline.step(
+                step_start, batch.num_new_tokens, [r.num_computed_tokens for r in batch.requests]
+            )
         if batch.is_empty:
             return []
         tokens, logprobs = sample(logits, [batch.requests[i] for i in sampling])
@@ -355,6 +366,7 @@ class LLMEngine:
             req = batch.requests[i]
             if req.first_token_s is None:
                 req.first_token_s = now
+                timeline.mark(req.request_id, "engine.first_token", now)
             lp = logprobs[j]
             if lp is not None:
                 req.output_logprobs.append(lp)

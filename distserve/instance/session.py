@@ -36,6 +36,7 @@ from typing import Protocol
 
 import grpc
 
+from distserve import timeline
 from distserve._proto import instance_pb2, instance_pb2_grpc
 from distserve.rpc.multiplex import CallError, RequestPump, stream_call, unary_call
 
@@ -138,18 +139,21 @@ class _Session:
             # the request's handler aborts it on the instance; the router expects no event
             self.pump.cancel(call.abort)
         elif kind == "prefill":
+            timeline.mark(call.prefill.request_id, "instance.recv")
             self.pump.start(call.prefill.request_id, self._prefill, call.prefill)
         elif kind == "decode":
             rid = call.decode.request.request_id
             self.pump.start(rid, self._stream, self.handler.decode, call.decode)
         elif kind == "generate":
             rid = call.generate.request_id
+            timeline.mark(rid, "instance.recv")
             self.pump.start(rid, self._stream, self.handler.generate, call.generate)
         else:
             logger.warning("session call of unknown kind %r ignored", kind)
 
     async def _prefill(self, rid: str, request: instance_pb2.EngineRequest) -> None:
         response = await self.handler.prefill(request)
+        timeline.mark(rid, "instance.answered")
         self.pump.push(0, request_id=rid, prefill=response)
 
     async def _stream(

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from distserve import timeline
 from distserve._proto import instance_pb2
 from distserve.engine.block_hash import block_hashes
 from distserve.engine.detokenizer import IncrementalDetokenizer
@@ -207,6 +208,7 @@ class RouterCore:
             params.skip_special_tokens,
         )
         run = _Run(self, rid, route, engine_request, detok, len(ids))
+        timeline.mark(rid, "router.recv")
         stream = run.colocated() if self._mode() == "colocated" else run.disaggregated()
         finish_reason = None
         try:
@@ -314,6 +316,7 @@ class _Run:
             record = core.registry.instances[chosen]
             self.prefill_id = chosen
             try:
+                timeline.mark(self.rid, "router.prefill_sent")
                 return await record.session.prefill(self.req, core.rpc_timeout_s)
             except SessionCallError as exc:
                 _raise_invalid(exc)
@@ -332,6 +335,7 @@ class _Run:
         core = self.core
         start = time.monotonic()
         prefill = await self._prefill()
+        timeline.mark(self.rid, "router.prefill_done")
         core.policy.on_prefill_done(self.rid, time.monotonic(), time.monotonic() - start)
         self.usage.cached_tokens = prefill.num_cached_tokens
         chunk, stopped = self._chunk([prefill.first_token_id], False, prefill.finish_reason or None)
@@ -345,6 +349,7 @@ class _Run:
         except ServiceError:
             await self._release(prefill.kv)
             raise
+        timeline.mark(self.rid, "router.first_out")
         yield chunk
         chosen = core.policy.choose_decode(
             self.route, [r.load() for r in decodes], time.monotonic()
