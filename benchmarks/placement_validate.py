@@ -45,6 +45,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -60,14 +61,33 @@ from placement_validate_sim import (
     calibrated,
     engine_slowdown,
     overheads,
+    rate_windows,
+    read_timeline,
+    role_ranks,
     simulate,
+    step_speed,
 )
 
 from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
 from placement.profile_format import load_profile, save_profile
 from placement.workload import from_lengths
 
-MEDIUM = {"layers": 4, "hidden_size": 256, "heads": 4, "kv_heads": 2, "intermediate_size": 688}
+SHAPES = {
+    "medium": {
+        "layers": 4,
+        "hidden_size": 256,
+        "heads": 4,
+        "kv_heads": 2,
+        "intermediate_size": 688,
+    },
+    "large": {
+        "layers": 8,
+        "hidden_size": 512,
+        "heads": 8,
+        "kv_heads": 4,
+        "intermediate_size": 1376,
+    },
+}
 
 
 def stage_model(args: argparse.Namespace, work: Path) -> Path:
@@ -79,7 +99,7 @@ def stage_model(args: argparse.Namespace, work: Path) -> Path:
     if not (path / "config.json").exists():
         from distserve.model.tiny_model import make_tiny_model
 
-        make_tiny_model(path, arch="llama", seed=0, preset="tiny", **MEDIUM)
+        make_tiny_model(path, arch="llama", seed=0, preset="tiny", **SHAPES[args.shape])
     return path
 
 
@@ -190,7 +210,15 @@ def stage_bench(
         (paths[0], [calibration_rate(plan)], args.calibration_prompts),
         (paths[1], rates, args.num_prompts),
     )
-    with LocalCluster(config, log_dir=work / "logs" / name, log_level="WARNING") as cluster:
+    # every step's time and composition, from the cluster's processes and the bench's
+    timeline = work / "timeline" / name
+    shutil.rmtree(timeline, ignore_errors=True)
+    os.environ["DISTSERVE_TIMELINE"] = str(timeline)
+    with (
+        LocalCluster(config, log_dir=work / "logs" / name, log_level="WARNING") as cluster,
+        contextlib.ExitStack() as unset,
+    ):
+        unset.callback(os.environ.pop, "DISTSERVE_TIMELINE", None)
         if args.host_nice:
             lower_priority(cluster.router.pid, args.host_nice)
         idle = idle_cpu(cluster)
@@ -222,6 +250,11 @@ def stage_bench(
             use["client_measured_cpu_s"] = sum(r["client_cpu_s"] for r in report["results"])
             use["idle_cpu_per_s"] = idle
             report["rank_cpu"] = use
+            report["timeline"] = {
+                "folder": str(timeline),
+                "client_pid": client.pid,
+                "rank_pids": [p.pid for p in cluster.ranks],
+            }
             path.write_text(json.dumps(report, indent=1))
             os.unlink(str(path) + ".partial")
     return json.loads(paths[0].read_text()), json.loads(paths[1].read_text())
@@ -328,6 +361,35 @@ def gap_split(requests: list[dict[str, Any]]) -> tuple[float, float]:
     return median(first), median(rest)
 
 
+def run_speed(
+    args: argparse.Namespace,
+    model: Any,
+    p: Placement,
+    report: dict[str, Any],
+    index: int,
+    num_rates: int,
+) -> dict[str, float] | None:
+    """Per role, how much slower than the profile the instances' steps ran while rate
+    ``index`` was measured (their summed time over the profile's for the same batches, from
+    the run's timeline; the mean over the role's instances), or None without a timeline."""
+    info = report.get("timeline")
+    if not info or not Path(info["folder"]).exists():
+        return None
+    lines = read_timeline(Path(info["folder"]))
+    window = rate_windows(
+        lines.get(info["client_pid"], []), args.warmup_requests, args.num_prompts, num_rates
+    )[index]
+    out = {}
+    for role, ranks in role_ranks(p).items():
+        cfg = {"prefill": p.prefill, "decode": p.decode, "colocated": p.colocated}[role]
+        lat = model.latency(cfg.tp, cfg.pp)
+        pids = [info["rank_pids"][int(r.removeprefix("rank"))] for r in ranks]
+        speeds = [s for pid in pids if (s := step_speed(lines.get(pid, []), lat, role, window))]
+        if speeds:
+            out[role] = sum(speeds) / len(speeds)
+    return out or None
+
+
 def calibration_rate(plan: dict[str, Any]) -> float:
     """A rate low enough that nothing queues: a fifth of the lower predicted goodput."""
     return round(0.2 * min(c["predicted_goodput_per_s"] for c in plan["clusters"].values()), 3)
@@ -336,7 +398,11 @@ def calibration_rate(plan: dict[str, Any]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/placement_validate")
-    ap.add_argument("--shape", choices=["medium", "demo"], default="medium")
+    ap.add_argument(
+        "--shape", choices=[*SHAPES, "demo"], default="medium",
+        help="the model: 'large' (8 layers x 512) costs each request ~8x the engine time of "
+        "'medium' (4 x 256) for the same router and client CPU",
+    )  # fmt: skip
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--range-ratio", type=float, default=0.5)
@@ -395,6 +461,8 @@ def main() -> int:
             raw = simulate(model, slo, settings, p, workload, rate)
             cal = simulate(tuned, slo, settings, p, workload, rate)
             shared = simulate(model, slo, settings, p, workload, rate, slowdown)
+            speed = run_speed(args, model, p, report, i, len(rates))
+            in_run = simulate(model, slo, settings, p, workload, rate, speed) if speed else None
             first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,
@@ -402,6 +470,9 @@ def main() -> int:
                 "simulated_calibrated": cal["attainment"],
                 "simulated_shared_cores": shared["attainment"],
                 "simulated_shared_cores_p50_ttft_s": shared["p50_ttft_s"],
+                "step_speed": speed,
+                "simulated_in_run_speed": in_run["attainment"] if in_run else None,
+                "simulated_in_run_speed_p50_ttft_s": in_run["p50_ttft_s"] if in_run else None,
                 "measured_p50_ttft_s": r["ttft_s"]["median"], "simulated_p50_ttft_s": raw["p50_ttft_s"],
                 "measured_p50_tpot_s": r["tpot_s"]["median"], "simulated_p50_tpot_s": raw["p50_tpot_s"],
                 "measured_p50_first_gap_s": first_gap, "measured_p50_later_gaps_s": later_gaps,
@@ -430,20 +501,28 @@ def main() -> int:
 def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[str, Any]) -> None:
     slo = plan["slo"]
     print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
-    print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (calibrated) "
-          "| simulated (shared cores) | p50 TTFT meas/sim/shared (ms) | p50 TPOT meas/sim (ms) "
+    print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (in-run step "
+          "speed) | step speed | simulated (calibrated) | simulated (shared cores) "
+          "| p50 TTFT meas/sim/in-run (ms) | p50 TPOT meas/sim (ms) "
           "| p50 first gap / later gaps (ms) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def vs(x: float | None, m: float) -> str:
+        return "-" if x is None else f"{x:.3f} ({100 * (x - m):+.0f})"
+
+    def ms(x: float | None, digits: int = 0) -> str:
+        return "-" if x is None else f"{1e3 * x:.{digits}f}"
+
     for r in rows:
-        m, raw, cal = r["measured"], r["simulated"], r["simulated_calibrated"]
-        shared = r["simulated_shared_cores"]
-        print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {raw:.3f} ({100 * (raw - m):+.0f}) "
-              f"| {cal:.3f} ({100 * (cal - m):+.0f}) | {shared:.3f} ({100 * (shared - m):+.0f}) "
-              f"| {1e3 * r['measured_p50_ttft_s']:.0f} / "
-              f"{1e3 * r['simulated_p50_ttft_s']:.0f} / {1e3 * r['simulated_shared_cores_p50_ttft_s']:.0f} "
-              f"| {1e3 * r['measured_p50_tpot_s']:.1f} / "
-              f"{1e3 * r['simulated_p50_tpot_s']:.1f} | {1e3 * r['measured_p50_first_gap_s']:.0f} / "
-              f"{1e3 * r['measured_p50_later_gaps_s']:.1f} |")  # fmt: skip
+        m = r["measured"]
+        speed = ", ".join(f"{k} ×{v:.2f}" for k, v in (r.get("step_speed") or {}).items())
+        print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {vs(r['simulated'], m)} "
+              f"| {vs(r.get('simulated_in_run_speed'), m)} | {speed or '-'} "
+              f"| {vs(r['simulated_calibrated'], m)} | {vs(r['simulated_shared_cores'], m)} "
+              f"| {ms(r['measured_p50_ttft_s'])} / {ms(r['simulated_p50_ttft_s'])} / "
+              f"{ms(r.get('simulated_in_run_speed_p50_ttft_s'))} "
+              f"| {ms(r['measured_p50_tpot_s'], 1)} / {ms(r['simulated_p50_tpot_s'], 1)} "
+              f"| {ms(r['measured_p50_first_gap_s'])} / {ms(r['measured_p50_later_gaps_s'], 1)} |")  # fmt: skip
     for name, s in summary.items():
         measured = s["measured_goodput_per_s"]
         shown = (

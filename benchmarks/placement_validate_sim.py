@@ -10,7 +10,9 @@ core with the instance's gRPC server — none of which ``engine.step()`` timings
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,3 +154,55 @@ def engine_slowdown(p: Placement, cpu: dict[str, Any]) -> dict[str, float]:
         role: sum(1.0 / cpu[r]["engine_cpu_share"] for r in ranks) / len(ranks)
         for role, ranks in role_ranks(p).items()
     }
+
+
+# ---- the device speed of a live run ------------------------------------------------------------
+def predicted_step_ms(lat: LatencyModel, role: str, new: list[int], computed: list[int]) -> float:
+    """The profile's time for one live step (as ``SimInstance._time`` composes it): the prompt
+    chunks' work, plus a decode step's time when the step decodes, else the prefill constant.
+    ``new`` and ``computed``: per request, tokens computed by the step and already in cache."""
+    work, decodes, ctx = 0.0, 0, 0
+    for n, k in zip(new, computed, strict=True):
+        if n == 1 and role != "prefill":
+            decodes += 1
+            ctx += k + 1
+        else:
+            work += lat.extend_work_ms(n, k)
+    return work + (lat.decode_ms(decodes, ctx) if decodes else lat.prefill[0])
+
+
+def read_timeline(folder: Path) -> dict[int, list[str]]:
+    """``DISTSERVE_TIMELINE`` files by process id: their lines."""
+    return {int(p.stem): p.read_text().splitlines() for p in folder.glob("*.tsv")}
+
+
+def rate_windows(
+    client_lines: list[str], warmup: int, per_rate: int, num_rates: int
+) -> list[tuple[float, float]]:
+    """(start, end) of each rate's run in a bench process's timeline: its requests in send
+    order, the warm-up first, then ``per_rate`` per rate (a rate starts when the previous one
+    has finished)."""
+    sends = sorted(
+        float(t) for t, _, ev in (x.split("\t") for x in client_lines) if ev == "client.send"
+    )
+    starts = [sends[warmup + i * per_rate] for i in range(num_rates)]
+    return list(zip(starts, [*starts[1:], float("inf")], strict=True))
+
+
+def step_speed(
+    lines: list[str], lat: LatencyModel, role: str, window: tuple[float, float]
+) -> float | None:
+    """How much longer the steps one process ran in ``window`` took than the profile says:
+    their summed measured time over their summed predicted time (None: no step)."""
+    measured = predicted = 0.0
+    for line in lines:
+        end, rid, event = line.split("\t")
+        if rid != "-":
+            continue
+        _, start, rest = event.split(" ", 2)
+        if not window[0] <= float(start) < window[1]:
+            continue
+        new, computed = (json.loads(x) for x in rest.replace("] [", "]\t[").split("\t"))
+        measured += 1e3 * (float(end) - float(start))
+        predicted += predicted_step_ms(lat, role, new, computed)
+    return measured / predicted if predicted else None

@@ -98,7 +98,13 @@ def prefill_steps(
         predicted = np.array([latency.prefill_ms(s[2]) for s in rows])
         out["predicted_p50_ms"] = float(np.median(predicted))
         out["predicted_mean_ms"] = float(predicted.mean())
-        out["ratio_p50"] = float(np.median(measured / predicted))
+        ratio = measured / predicted
+        out["ratio_p50"] = float(np.median(ratio))
+        sizes = np.array([len(s[2]) for s in rows])
+        for label, pick in (("1", sizes == 1), ("2", sizes == 2), ("3+", sizes >= 3)):
+            if pick.any():  # larger batches come with bursts, when every process is busier
+                out[f"ratio_p50_{label}_prompts"] = float(np.median(ratio[pick]))
+                out[f"num_steps_{label}_prompts"] = int(pick.sum())
     return out
 
 
