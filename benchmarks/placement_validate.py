@@ -457,7 +457,7 @@ def main() -> int:
         lens = lengths(args, args.num_prompts, args.seed)
         for i, r in enumerate(report["results"]):
             rate = float(r["rate_per_s"])
-            workload = bench_workload(lens, rate, args.seed + i)
+            workload = bench_workload(lens, rate, args.seed)  # the bench's one seed, every rate
             raw = simulate(model, slo, settings, p, workload, rate)
             cal = simulate(tuned, slo, settings, p, workload, rate)
             shared = simulate(model, slo, settings, p, workload, rate, slowdown)

@@ -2,7 +2,10 @@
 
 ``bench_workload`` rebuilds exactly what ``distserve bench --dataset random`` sent at one rate
 (its lengths: ``workloads.random_lengths`` with the bench's seed; its arrival times: Gamma/
-Poisson with seed + rate index). ``calibrated`` adds the serving stack's per-step overhead to
+Poisson gaps drawn with that same seed at every rate, scaled by 1 / rate: ``distserve bench``
+has done so since before this script existed, which simulated seed + rate index until
+2026-11-21 19:55, so every earlier comparison at its second and later rates simulated other
+arrival times than the bench sent). ``calibrated`` adds the serving stack's per-step overhead to
 the profile's constant terms: the live median TTFT and TPOT minus the simulated ones at a rate
 so low that nothing queues (router and gRPC hops, token streaming, the engine thread sharing its
 core with the instance's gRPC server — none of which ``engine.step()`` timings contain).
