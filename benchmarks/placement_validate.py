@@ -24,11 +24,14 @@ CPU time its threads ran and the time they were runnable but waited for a core
 while measuring) and the ranks' other threads (gRPC, transfers) used; and, before the first run,
 what they use per second with no request in flight.
 
-Three simulations per rate: the raw profile; "calibrated" (the low-rate run's extra TTFT and
-TPOT over the simulated ones added to every step's constant term); and "shared cores": every
-step of a role ``1 / share`` times the profile's, ``share`` being the part of its core the
-role's engine threads got while runnable in the low-rate run (the rest went to the router, the
-bench client and the rank's own gRPC and transfer threads, which a GPU's host keeps off it).
+Two simulations per rate, both on exactly the requests the bench sent (lengths and arrival
+times): the raw profile (what the planner predicted), and "in-run step speed": every step of a
+role ``speed`` times the profile's, ``speed`` being what that role's instances actually ran at
+while the rate was measured — the summed time of their steps over the profile's time for the
+same batches, read from the run's ``DISTSERVE_TIMELINE`` (kept in ``WORKDIR/timeline``). The
+second separates the simulator's model of serving (queues, batching, KV hand-off) from the
+profile going stale: on this VM the same step's time drifts by 10–20% within minutes, and the
+router and bench client share the cores that stand for devices.
 
 Each row also splits a request's TPOT: the first gap (first token → second token: for the
 disaggregated cluster the hand-off — Decode RPC, KV pull, joining the batch) and the median
@@ -58,9 +61,6 @@ import yaml
 from placement_validate_sim import (
     bench_lengths,
     bench_workload,
-    calibrated,
-    engine_slowdown,
-    overheads,
     rate_windows,
     read_timeline,
     role_ranks,
@@ -68,6 +68,7 @@ from placement_validate_sim import (
     step_speed,
 )
 
+from distserve.bench.report import find_goodput
 from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
 from placement.profile_format import load_profile, save_profile
 from placement.workload import from_lengths
@@ -446,30 +447,17 @@ def main() -> int:
         if c["colocated_budget"]:
             settings = replace(settings, colocated_token_budget=c["colocated_budget"])
         model, p = profile.model("validate"), placement_from(c["placement"])
-        low = float(calib["results"][0]["rate_per_s"])
-        cal_sim = simulate(
-            model, slo, settings, p,
-            bench_workload(lengths(args, args.calibration_prompts, args.seed), low, args.seed), low,
-        )  # fmt: skip
-        dt_prefill, dt_decode = overheads(calib["results"][0], cal_sim)
-        tuned = calibrated(model, dt_prefill, dt_decode)
-        slowdown = engine_slowdown(p, calib["rank_cpu"]) if "rank_cpu" in calib else {}
         lens = lengths(args, args.num_prompts, args.seed)
         for i, r in enumerate(report["results"]):
             rate = float(r["rate_per_s"])
             workload = bench_workload(lens, rate, args.seed)  # the bench's one seed, every rate
             raw = simulate(model, slo, settings, p, workload, rate)
-            cal = simulate(tuned, slo, settings, p, workload, rate)
-            shared = simulate(model, slo, settings, p, workload, rate, slowdown)
             speed = run_speed(args, model, p, report, i, len(rates))
             in_run = simulate(model, slo, settings, p, workload, rate, speed) if speed else None
             first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,
                 "measured": r["slo_attainment"], "simulated": raw["attainment"],
-                "simulated_calibrated": cal["attainment"],
-                "simulated_shared_cores": shared["attainment"],
-                "simulated_shared_cores_p50_ttft_s": shared["p50_ttft_s"],
                 "step_speed": speed,
                 "simulated_in_run_speed": in_run["attainment"] if in_run else None,
                 "simulated_in_run_speed_p50_ttft_s": in_run["p50_ttft_s"] if in_run else None,
@@ -483,8 +471,15 @@ def main() -> int:
             "predicted_goodput_per_s": c["predicted_goodput_per_s"],
             "measured_goodput_per_s": report["goodput"]["rate_per_s"],
             "measured_note": report["goodput"]["note"],
-            "calibration": {"rate_per_s": low, "prefill_overhead_ms": dt_prefill,
-                            "decode_overhead_ms": dt_decode, "engine_slowdown": slowdown},
+            # the same interpolation over the same rates as the measured goodput
+            "simulated_goodput_per_s": {
+                key: find_goodput(
+                    [(r["rate_per_s"], r[key]) for r in rows if r["cluster"] == name and r[key] is not None],
+                    slo.attainment,
+                ).rate_per_s
+                for key in ("simulated", "simulated_in_run_speed")
+            },
+            "calibration_rate_per_s": float(calib["results"][0]["rate_per_s"]),
             "load_avg": {"calibration": calib["load_avg"], "sweep": report["load_avg"]},
             "rank_cpu": {"calibration": calib.get("rank_cpu"), "sweep": report.get("rank_cpu")},
         }  # fmt: skip
@@ -498,14 +493,18 @@ def main() -> int:
     return 0
 
 
+def _rate(x: float | None) -> str:
+    return "none" if x is None else f"{x:.2f} req/s"
+
+
 def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[str, Any]) -> None:
     slo = plan["slo"]
     print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
     print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (in-run step "
-          "speed) | step speed | simulated (calibrated) | simulated (shared cores) "
+          "speed) | step speed "
           "| p50 TTFT meas/sim/in-run (ms) | p50 TPOT meas/sim (ms) "
           "| p50 first gap / later gaps (ms) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
     def vs(x: float | None, m: float) -> str:
         return "-" if x is None else f"{x:.3f} ({100 * (x - m):+.0f})"
@@ -518,7 +517,6 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
         speed = ", ".join(f"{k} ×{v:.2f}" for k, v in (r.get("step_speed") or {}).items())
         print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {vs(r['simulated'], m)} "
               f"| {vs(r.get('simulated_in_run_speed'), m)} | {speed or '-'} "
-              f"| {vs(r['simulated_calibrated'], m)} | {vs(r['simulated_shared_cores'], m)} "
               f"| {ms(r['measured_p50_ttft_s'])} / {ms(r['simulated_p50_ttft_s'])} / "
               f"{ms(r.get('simulated_in_run_speed_p50_ttft_s'))} "
               f"| {ms(r['measured_p50_tpot_s'], 1)} / {ms(r['simulated_p50_tpot_s'], 1)} "
@@ -530,13 +528,12 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
             if measured is None or (isinstance(measured, float) and math.isnan(measured))
             else f"{measured:.2f}"
         )
-        cal = s["calibration"]
         print(f"{name}: {s['placement']} predicted {s['predicted_goodput_per_s']:.2f} req/s, "
-              f"measured {shown} req/s ({s['measured_note']}); live overhead per step: prefill "
-              f"{cal['prefill_overhead_ms']:.1f} ms, decode {cal['decode_overhead_ms']:.1f} ms")  # fmt: skip
-        if cal.get("engine_slowdown"):
-            factors = ", ".join(f"{k} ×{v:.2f}" for k, v in cal["engine_slowdown"].items())
-            print(f"  shared cores (engine threads' share in the low-rate run): steps {factors}")
+              f"measured {shown} req/s ({s['measured_note']})")  # fmt: skip
+        sim = s.get("simulated_goodput_per_s", {})
+        print("  simulated over the same rates: raw profile "
+              f"{_rate(sim.get('simulated'))}, in-run step speed "
+              f"{_rate(sim.get('simulated_in_run_speed'))}")  # fmt: skip
         sweep = s["rank_cpu"]["sweep"] or {}
         ranks = {k: v for k, v in sweep.items() if k.startswith("rank")}
         if ranks:

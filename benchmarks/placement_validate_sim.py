@@ -1,14 +1,13 @@
-"""The simulator side of ``placement_validate.py``: the bench's own requests, and calibration.
+"""The simulator side of ``placement_validate.py``: the bench's own requests, and the step
+speed of a live run.
 
 ``bench_workload`` rebuilds exactly what ``distserve bench --dataset random`` sent at one rate
 (its lengths: ``workloads.random_lengths`` with the bench's seed; its arrival times: Gamma/
-Poisson gaps drawn with that same seed at every rate, scaled by 1 / rate: ``distserve bench``
-has done so since before this script existed, which simulated seed + rate index until
-2026-11-21 19:55, so every earlier comparison at its second and later rates simulated other
-arrival times than the bench sent). ``calibrated`` adds the serving stack's per-step overhead to
-the profile's constant terms: the live median TTFT and TPOT minus the simulated ones at a rate
-so low that nothing queues (router and gRPC hops, token streaming, the engine thread sharing its
-core with the instance's gRPC server — none of which ``engine.step()`` timings contain).
+Poisson gaps drawn with that same seed at every rate, scaled by 1 / rate. ``distserve bench``
+has done so since before this script existed, and the script simulated seed + rate index until
+2026-11-21 19:55: every earlier comparison simulated other arrival times than the bench sent at
+its second and later rates). ``step_speed`` reads a run's ``DISTSERVE_TIMELINE`` files: how
+much longer an instance's steps took than the profile gives for the same batches.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -70,8 +68,8 @@ def simulate(
     slowdown: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Attainment and medians of ``p`` at ``rate``; ``slowdown``: per role, steps that many
-    times the profile's (see :class:`SharedCoresEvaluator`)."""
-    ev = SharedCoresEvaluator(model, workload, slo, settings, slowdown=dict(slowdown or {}))
+    times the profile's (see :class:`SlowerEvaluator`)."""
+    ev = SlowerEvaluator(model, workload, slo, settings, slowdown=dict(slowdown or {}))
     result = ev.run(p, rate)
     return {
         "attainment": ev.measure(result).joint,
@@ -80,32 +78,7 @@ def simulate(
     }
 
 
-def calibrated(model: ModelProfile, prefill_ms: float, decode_ms: float) -> ModelProfile:
-    """The profile with a fixed overhead added to every prefill and decode step."""
-
-    def shift(c: tuple[float, float, float], ms: float) -> tuple[float, float, float]:
-        return (c[0] + ms, c[1], c[2])
-
-    configs = {
-        k: replace(
-            c,
-            prefill=shift(c.prefill, prefill_ms),
-            decode_small=shift(c.decode_small, decode_ms),
-            decode_large=shift(c.decode_large, decode_ms),
-        )
-        for k, c in model.configs.items()
-    }
-    return replace(model, configs=configs)
-
-
-def overheads(measured: dict[str, Any], simulated: dict[str, float]) -> tuple[float, float]:
-    """(prefill, decode) per-step overhead in ms from a low-rate run; never negative."""
-    ttft = measured["ttft_s"]["median"] - simulated["p50_ttft_s"]
-    tpot = measured["tpot_s"]["median"] - simulated["p50_tpot_s"]
-    return max(0.0, 1e3 * ttft), max(0.0, 1e3 * tpot)
-
-
-# ---- cores shared with the serving stack -------------------------------------------------------
+# ---- steps slower than the profile's ----------------------------------------------------------
 def scaled(lat: LatencyModel, factor: float) -> LatencyModel:
     """``lat`` with every step ``factor`` times longer."""
 
@@ -122,7 +95,7 @@ def scaled(lat: LatencyModel, factor: float) -> LatencyModel:
 
 
 @dataclass
-class SharedCoresEvaluator(Evaluator):
+class SlowerEvaluator(Evaluator):
     """An evaluator whose instances of each role run ``slowdown[role]`` times slower."""
 
     slowdown: dict[str, float] = field(default_factory=dict)
@@ -147,16 +120,6 @@ def role_ranks(p: Placement) -> dict[str, list[str]]:
             out[role] = [f"rank{i}" for i in range(k, k + size)]
             k += size
     return out
-
-
-def engine_slowdown(p: Placement, cpu: dict[str, Any]) -> dict[str, float]:
-    """Per role, 1 / the share of its core the engine thread got while runnable (mean over the
-    role's ranks) in a measured run: the router, the bench client and the rank's own gRPC and
-    transfer threads took the rest, so each step took that much longer than the profile's."""
-    return {
-        role: sum(1.0 / cpu[r]["engine_cpu_share"] for r in ranks) / len(ranks)
-        for role, ranks in role_ranks(p).items()
-    }
 
 
 # ---- the device speed of a live run ------------------------------------------------------------
