@@ -24,14 +24,16 @@ CPU time its threads ran and the time they were runnable but waited for a core
 while measuring) and the ranks' other threads (gRPC, transfers) used; and, before the first run,
 what they use per second with no request in flight.
 
-Two simulations per rate, both on exactly the requests the bench sent (lengths and arrival
-times): the raw profile (what the planner predicted), and "in-run step speed": every step of a
-role ``speed`` times the profile's, ``speed`` being what that role's instances actually ran at
-while the rate was measured — the summed time of their steps over the profile's time for the
-same batches, read from the run's ``DISTSERVE_TIMELINE`` (kept in ``WORKDIR/timeline``). The
-second separates the simulator's model of serving (queues, batching, KV hand-off) from the
-profile going stale: on this VM the same step's time drifts by 10–20% within minutes, and the
-router and bench client share the cores that stand for devices.
+Three simulations per rate, each on exactly the requests the bench sent (lengths and arrival
+times): the raw profile (what the planner predicted); "low-rate run's step speed": every step
+of a role ``speed`` times the profile's, ``speed`` being what that role's instances ran at in
+the low-rate run before the sweep (a prediction); and "in-run step speed": the same with the
+speed they ran at while that rate was measured (a reconstruction). A speed is the summed time
+of an instance's steps over the profile's time for the same batches, read from the run's
+``DISTSERVE_TIMELINE`` (kept in ``WORKDIR/timeline``). The last separates the simulator's model
+of serving (queues, batching, chunking, the KV hand-off) from the profile going stale: on this
+VM the same step's time drifts by 10–20% within minutes, and the router and the bench client
+share the cores that stand for devices.
 
 Each row also splits a request's TPOT: the first gap (first token → second token: for the
 disaggregated cluster the hand-off — Decode RPC, KV pull, joining the batch) and the median
@@ -369,6 +371,7 @@ def run_speed(
     report: dict[str, Any],
     index: int,
     num_rates: int,
+    per_rate: int | None = None,
 ) -> dict[str, float] | None:
     """Per role, how much slower than the profile the instances' steps ran while rate
     ``index`` was measured (their summed time over the profile's for the same batches, from
@@ -378,7 +381,10 @@ def run_speed(
         return None
     lines = read_timeline(Path(info["folder"]))
     window = rate_windows(
-        lines.get(info["client_pid"], []), args.warmup_requests, args.num_prompts, num_rates
+        lines.get(info["client_pid"], []),
+        args.warmup_requests,
+        per_rate or args.num_prompts,
+        num_rates,
     )[index]
     out = {}
     for role, ranks in role_ranks(p).items():
@@ -448,12 +454,17 @@ def main() -> int:
             settings = replace(settings, colocated_token_budget=c["colocated_budget"])
         model, p = profile.model("validate"), placement_from(c["placement"])
         lens = lengths(args, args.num_prompts, args.seed)
+        # measured before the sweep: a prediction, where the in-run speed is a reconstruction
+        low_speed = run_speed(args, model, p, calib, 0, 1, per_rate=args.calibration_prompts)
         for i, r in enumerate(report["results"]):
             rate = float(r["rate_per_s"])
             workload = bench_workload(lens, rate, args.seed)  # the bench's one seed, every rate
             raw = simulate(model, slo, settings, p, workload, rate)
             speed = run_speed(args, model, p, report, i, len(rates))
             in_run = simulate(model, slo, settings, p, workload, rate, speed) if speed else None
+            ahead = (
+                simulate(model, slo, settings, p, workload, rate, low_speed) if low_speed else None
+            )
             first_gap, later_gaps = gap_split(r.get("requests", []))
             rows.append({
                 "cluster": name, "placement": c["label"], "rate_per_s": rate,
@@ -461,6 +472,8 @@ def main() -> int:
                 "step_speed": speed,
                 "simulated_in_run_speed": in_run["attainment"] if in_run else None,
                 "simulated_in_run_speed_p50_ttft_s": in_run["p50_ttft_s"] if in_run else None,
+                "low_rate_step_speed": low_speed,
+                "simulated_low_rate_speed": ahead["attainment"] if ahead else None,
                 "measured_p50_ttft_s": r["ttft_s"]["median"], "simulated_p50_ttft_s": raw["p50_ttft_s"],
                 "measured_p50_tpot_s": r["tpot_s"]["median"], "simulated_p50_tpot_s": raw["p50_tpot_s"],
                 "measured_p50_first_gap_s": first_gap, "measured_p50_later_gaps_s": later_gaps,
@@ -477,7 +490,7 @@ def main() -> int:
                     [(r["rate_per_s"], r[key]) for r in rows if r["cluster"] == name and r[key] is not None],
                     slo.attainment,
                 ).rate_per_s
-                for key in ("simulated", "simulated_in_run_speed")
+                for key in ("simulated", "simulated_low_rate_speed", "simulated_in_run_speed")
             },
             "calibration_rate_per_s": float(calib["results"][0]["rate_per_s"]),
             "load_avg": {"calibration": calib["load_avg"], "sweep": report["load_avg"]},
@@ -500,11 +513,11 @@ def _rate(x: float | None) -> str:
 def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[str, Any]) -> None:
     slo = plan["slo"]
     print(f"SLO: TTFT {slo['ttft_s']} s, TPOT {slo['tpot_s']} s at 90%")
-    print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (in-run step "
-          "speed) | step speed "
+    print("| cluster | rate (req/s) | measured | simulated (raw profile) | simulated (low-rate "
+          "run's step speed) | simulated (in-run step speed) | in-run step speed "
           "| p50 TTFT meas/sim/in-run (ms) | p50 TPOT meas/sim (ms) "
           "| p50 first gap / later gaps (ms) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
     def vs(x: float | None, m: float) -> str:
         return "-" if x is None else f"{x:.3f} ({100 * (x - m):+.0f})"
@@ -516,6 +529,7 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
         m = r["measured"]
         speed = ", ".join(f"{k} ×{v:.2f}" for k, v in (r.get("step_speed") or {}).items())
         print(f"| {r['placement']} | {r['rate_per_s']:g} | {m:.3f} | {vs(r['simulated'], m)} "
+              f"| {vs(r.get('simulated_low_rate_speed'), m)} "
               f"| {vs(r.get('simulated_in_run_speed'), m)} | {speed or '-'} "
               f"| {ms(r['measured_p50_ttft_s'])} / {ms(r['simulated_p50_ttft_s'])} / "
               f"{ms(r.get('simulated_in_run_speed_p50_ttft_s'))} "
@@ -532,8 +546,15 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: dict[
               f"measured {shown} req/s ({s['measured_note']})")  # fmt: skip
         sim = s.get("simulated_goodput_per_s", {})
         print("  simulated over the same rates: raw profile "
-              f"{_rate(sim.get('simulated'))}, in-run step speed "
+              f"{_rate(sim.get('simulated'))}, low-rate run's step speed "
+              f"{_rate(sim.get('simulated_low_rate_speed'))}, in-run step speed "
               f"{_rate(sim.get('simulated_in_run_speed'))}")  # fmt: skip
+        low = next((r.get("low_rate_step_speed") for r in rows if r["cluster"] == name), None)
+        if low:
+            print(
+                "  step speed in the low-rate run: "
+                + ", ".join(f"{k} ×{v:.2f}" for k, v in low.items())
+            )
         sweep = s["rank_cpu"]["sweep"] or {}
         ranks = {k: v for k, v in sweep.items() if k.startswith("rank")}
         if ranks:
