@@ -255,8 +255,9 @@ def main() -> int:
     p.add_argument(
         "--colocated-threads",
         type=int,
-        default=0,
-        help="torch threads of the colocated instance (default: one per core)",
+        default=1,
+        help="torch threads of the colocated instance (0: one per core; on cores shared with "
+        "the router and the load generator one thread serves more, docs/benchmarks.md)",
     )
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--start-timeout", type=float, default=600.0)
