@@ -324,10 +324,11 @@ class _Relay(generation_pb2_grpc.GenerationServicer, instance_pb2_grpc.RegistryS
         self.count = 0
 
     async def Register(self, request, context):
-        from distserve.router.session import CHANNEL_OPTIONS, InstanceSession
+        from distserve.router.session import InstanceSession
+        from distserve.rpc.options import channel_options
 
         if self.use_sessions:
-            channel = grpc.aio.insecure_channel(request.address, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(request.address, options=channel_options())
             stub = InstanceSession(request.instance_id, channel)
         else:
             channel = grpc.aio.insecure_channel(request.address)

@@ -41,6 +41,7 @@ from distserve.client.types import (
     StreamChunk,
     model_info_from_proto,
 )
+from distserve.rpc.options import channel_options
 
 
 class AsyncClient:
@@ -63,7 +64,7 @@ class AsyncClient:
     def _stub(self) -> generation_pb2_grpc.GenerationStub:
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(
-                self.endpoint, options=[("grpc.enable_retries", 0)]
+                self.endpoint, options=channel_options(max_message_bytes=None, retries=False)
             )
         return generation_pb2_grpc.GenerationStub(self._channel)
 

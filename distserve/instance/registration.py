@@ -15,10 +15,6 @@ from distserve._proto import instance_pb2, instance_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-]
 _RETRY_S = 0.25
 _ATTEMPTS = 600  # 150 s for a router that is still starting
 

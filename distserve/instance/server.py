@@ -27,11 +27,12 @@ from distserve.engine.llm_engine import InstanceTransferResult, LLMEngine
 from distserve.engine.request import Request
 from distserve.engine.role_schedulers import PrefillScheduler
 from distserve.instance.engine_loop import EngineLoop
-from distserve.instance.registration import GRPC_OPTIONS, RegistrationRefused, register
+from distserve.instance.registration import RegistrationRefused, register
 from distserve.instance.roles import DecodeRole, PrefillRole, PullInfo, RoleHandler
 from distserve.instance.servicer import InstanceServicer
 from distserve.protocol import layout_to_proto, model_fingerprint
 from distserve.router.metrics import InstanceMetrics
+from distserve.rpc.options import channel_options, server_options
 from distserve.transfer import TransferDescriptor
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class InstanceRuntime:
         self._metrics_server, _ = self.metrics.start_http_server(0, addr=self.options.host)
         self.metrics_url = f"http://{self.options.host}:{self._metrics_server.server_port}/metrics"
         role.attach(self.loop)
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(options=server_options())
         port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
         self.address = f"{self.options.host}:{port}"
         self.servicer = servicer = InstanceServicer(
@@ -229,7 +230,7 @@ class InstanceRuntime:
     def _channel(self, address: str | None) -> grpc.aio.Channel:
         assert address
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = grpc.aio.insecure_channel(address, options=channel_options())
         return self._channels[address]
 
     def _start_pull(self, info: PullInfo, desc: TransferDescriptor) -> None:

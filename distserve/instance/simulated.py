@@ -53,7 +53,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from distserve._proto import instance_pb2, instance_pb2_grpc
 from distserve.engine.block_hash import block_hashes
 from distserve.engine.kv_spec import KVCacheSpec
-from distserve.instance.registration import GRPC_OPTIONS, RegistrationRefused, register
+from distserve.instance.registration import RegistrationRefused, register
 from distserve.instance.session import CallError, RequestRPCs
 from distserve.protocol import (
     layout_mismatch,
@@ -61,6 +61,7 @@ from distserve.protocol import (
     model_fingerprint,
     sampling_from_proto,
 )
+from distserve.rpc.options import channel_options, server_options
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class SimulatedInstance(RequestRPCs):
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> str:
         o = self.options
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(options=server_options())
         port = self.server.add_insecure_port(f"{o.host}:{o.port}")
         self.address = f"{o.host}:{port}"
         instance_pb2_grpc.add_InstanceServicer_to_server(self, self.server)
@@ -438,7 +439,7 @@ class SimulatedInstance(RequestRPCs):
     def _channel(self, address: str | None) -> grpc.aio.Channel:
         assert address
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = grpc.aio.insecure_channel(address, options=channel_options())
         return self._channels[address]
 
     def _spawn(self, coro: object) -> None:

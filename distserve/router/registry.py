@@ -27,7 +27,8 @@ import grpc
 from distserve._proto import instance_pb2, instance_pb2_grpc
 from distserve.protocol import layout_mismatch
 from distserve.router.policies.base import InstanceLoad, RoutingPolicy
-from distserve.router.session import CHANNEL_OPTIONS, InstanceSession
+from distserve.router.session import InstanceSession
+from distserve.rpc.options import channel_options
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,9 @@ class InstanceRegistry:
         if old is not None:
             self.policy.remove_instance(d.instance_id)
             self._close_later(old, "the instance registered again")
-        channel = grpc.aio.insecure_channel(d.address, options=CHANNEL_OPTIONS)
+        # a batch of Session events can be larger than one per-request answer (instances send
+        # and accept up to 64 MiB); keepalive notices a dead instance host while it is idle
+        channel = grpc.aio.insecure_channel(d.address, options=channel_options())
         self.instances[d.instance_id] = InstanceRecord(
             d,
             channel,

@@ -26,6 +26,7 @@ from distserve.router.grpc_server import GenerationServicer
 from distserve.router.metrics import RouterMetrics
 from distserve.router.policies import make_policy
 from distserve.router.registry import InstanceRegistry, RegistryServicer
+from distserve.rpc.options import server_options
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class RouterServer:
 
     async def start(self) -> None:
         r = self.config.router
-        self.grpc = grpc.aio.server()
+        self.grpc = grpc.aio.server(options=server_options(max_message_bytes=None))
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self.core, r.policy), self.grpc
         )

@@ -42,12 +42,6 @@ from distserve.rpc.multiplex import STATUS_CODES, Inbox, Outbox
 
 logger = logging.getLogger(__name__)
 
-# Options of the router's channels to instances: a batch of events can be larger than one
-# per-request answer (the instances send and accept up to 64 MiB).
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-]
 # Caps on one SessionCalls message (prompt token ids are at most 5 bytes each on the wire).
 MAX_CALLS_PER_MESSAGE = 256
 MAX_TOKENS_PER_MESSAGE = 1 << 20
