@@ -13,7 +13,7 @@ much longer an instance's steps took than the profile gives for the same batches
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,9 @@ import numpy as np
 from distserve.bench import workloads
 from distserve.bench.arrivals import gamma_arrivals
 from distserve.bench.workloads import WorkloadRequest
-from placement.evaluate import SLO, Evaluator, PhaseConfig, Placement, SimSettings
+from placement.evaluate import SLO, Evaluator, Placement, SimSettings
 from placement.latency_model import LatencyModel
 from placement.profile_format import ModelProfile
-from placement.simulator import InstanceSpec
 from placement.workload import BLOCK_SIZE, Workload
 
 
@@ -68,42 +67,16 @@ def simulate(
     slowdown: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Attainment and medians of ``p`` at ``rate``; ``slowdown``: per role, steps that many
-    times the profile's (see :class:`SlowerEvaluator`)."""
-    ev = SlowerEvaluator(model, workload, slo, settings, slowdown=dict(slowdown or {}))
+    times the profile's (``SimSettings.step_speed``)."""
+    if slowdown:
+        settings = replace(settings, step_speed=tuple(slowdown.items()))
+    ev = Evaluator(model, workload, slo, settings)
     result = ev.run(p, rate)
     return {
         "attainment": ev.measure(result).joint,
         "p50_ttft_s": float(np.median(result.ttft_s)),
         "p50_tpot_s": float(np.median(result.tpot_s)),
     }
-
-
-# ---- steps slower than the profile's ----------------------------------------------------------
-def scaled(lat: LatencyModel, factor: float) -> LatencyModel:
-    """``lat`` with every step ``factor`` times longer."""
-
-    def times(c: tuple[float, float, float]) -> tuple[float, float, float]:
-        return (c[0] * factor, c[1] * factor, c[2] * factor)
-
-    return replace(
-        lat,
-        prefill=times(lat.prefill),
-        decode_small=times(lat.decode_small),
-        decode_large=times(lat.decode_large),
-        stage_overhead_ms=lat.stage_overhead_ms * factor,
-    )
-
-
-@dataclass
-class SlowerEvaluator(Evaluator):
-    """An evaluator whose instances of each role run ``slowdown[role]`` times slower."""
-
-    slowdown: dict[str, float] = field(default_factory=dict)
-
-    def instance(self, role: str, cfg: PhaseConfig) -> InstanceSpec:
-        spec = super().instance(role, cfg)
-        factor = self.slowdown.get(role, 1.0)
-        return spec if factor == 1.0 else replace(spec, latency=scaled(spec.latency, factor))
 
 
 def role_ranks(p: Placement) -> dict[str, list[str]]:

@@ -18,6 +18,26 @@ import sys
 from pathlib import Path
 
 
+def _step_speed(text: str) -> tuple[tuple[str, float], ...]:
+    """``prefill=1.2,decode=1.05``: per role, how many times the profile's step time."""
+    pairs = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        role, sep, value = item.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or role not in ("prefill", "decode", "colocated") or not factor > 0:
+            raise argparse.ArgumentTypeError(
+                f"expected ROLE=FACTOR pairs (roles prefill, decode, colocated; factor > 0), "
+                f"got {item!r}"
+            )
+        pairs.append((role, factor))
+    if not pairs:
+        raise argparse.ArgumentTypeError("expected ROLE=FACTOR pairs, got nothing")
+    return tuple(pairs)
+
+
 def _int_list(text: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -115,6 +135,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-token-budget", type=int, default=2048)
     p.add_argument("--max-prefill-seqs", type=int, default=128)
     p.add_argument("--max-decode-batch", type=int, default=256)
+    p.add_argument(
+        "--step-speed",
+        type=_step_speed,
+        default=(),
+        metavar="ROLE=X[,ROLE=X]",
+        help="scale a role's profiled step times, e.g. prefill=1.2 when a short live run "
+        "(DISTSERVE_TIMELINE) showed its steps taking 1.2x the profile's (docs/placement.md)",
+    )
     p.add_argument("--intra-node-gbps", type=float, default=None, help="override (Gbit/s)")
     p.add_argument("--inter-node-gbps", type=float, default=None, help="override (Gbit/s)")
     p.add_argument("--out", required=True, help="cluster YAML to write")
@@ -167,6 +195,7 @@ def run_plan(args: argparse.Namespace) -> int:
         prefill_token_budget=args.prefill_token_budget,
         max_prefill_seqs=args.max_prefill_seqs,
         max_decode_batch=args.max_decode_batch,
+        step_speed=args.step_speed,
     )
     bar = None
     if not args.disable_tqdm:

@@ -29,6 +29,8 @@ from placement.profile_format import ModelProfile
 from placement.simulator import ClusterSpec, InstanceSpec, SimResult, simulate
 from placement.workload import Workload
 
+ROLES = ("prefill", "decode", "colocated")
+
 INSTANT_BYTES_PER_S = 1e18  # "no transfer time": the simulator needs a positive bandwidth
 _ZERO = (0.0, 0.0, 0.0)
 _INSTANT = LatencyModel(prefill=_ZERO, decode_small=_ZERO, decode_large=_ZERO)
@@ -100,6 +102,23 @@ class SimSettings:
     # Decode and PullKV RPCs between a prefill's first token and its pull reaching the prefill
     # instance (used where the profiled engine takes pulls between steps: ours)
     pull_rtt_s: float = 0.001
+    # (role, factor) pairs: that role's steps take ``factor`` times the profile's time, for a
+    # serving stack measured to run slower (or faster) than the isolated profile, e.g. with
+    # DISTSERVE_TIMELINE in a short live run (docs/placement.md)
+    step_speed: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        pairs = tuple((str(role), float(f)) for role, f in self.step_speed)  # JSON gives lists
+        for role, factor in pairs:
+            if role not in ROLES:
+                raise ValueError(f"step speed: unknown role {role!r} (use {', '.join(ROLES)})")
+            if not (factor > 0 and math.isfinite(factor)):
+                raise ValueError(f"step speed of {role} must be a positive number, got {factor}")
+        object.__setattr__(self, "step_speed", pairs)
+
+    def speed(self, role: str) -> float:
+        """The factor on ``role``'s step times (1 when none is set)."""
+        return dict(self.step_speed).get(role, 1.0)
 
 
 @dataclass(frozen=True)
@@ -153,9 +172,12 @@ class Evaluator:
         s = self.settings
         budget = s.colocated_token_budget if role == "colocated" else s.prefill_token_budget
         seqs = s.max_prefill_seqs if role == "prefill" else s.max_decode_batch
+        latency = self.model.latency(cfg.tp, cfg.pp)
+        if s.speed(role) != 1.0:
+            latency = latency.scaled(s.speed(role))
         return InstanceSpec(
             role,
-            latency=self.model.latency(cfg.tp, cfg.pp),
+            latency=latency,
             kv_capacity_tokens=self.capacity(cfg),
             max_prefill_tokens=budget,
             max_batch_size=seqs,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,20 @@ class LatencyModel:
     def __post_init__(self) -> None:
         if self.pp < 1 or self.tp < 1:
             raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
+
+    def scaled(self, factor: float) -> LatencyModel:
+        """Every step ``factor`` times as long (a device that serves slower than it profiled)."""
+
+        def times(c: Coeffs) -> Coeffs:
+            return (c[0] * factor, c[1] * factor, c[2] * factor)
+
+        return replace(
+            self,
+            prefill=times(self.prefill),
+            decode_small=times(self.decode_small),
+            decode_large=times(self.decode_large),
+            stage_overhead_ms=self.stage_overhead_ms * factor,
+        )
 
     # ---- full-model times (one pipeline pass, no stage split) ----
     def prefill_ms(self, prompt_lens: Iterable[int]) -> float:

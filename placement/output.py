@@ -162,6 +162,9 @@ def summary_text(plan: Plan) -> str:
         f"  unit {u.placement}: goodput {u.rate_per_s:.2f} req/s "
         f"({u.per_gpu:.3f} per GPU; estimate from the phases {u.estimate_per_s:.2f})",
     ]
+    if plan.settings.step_speed:
+        scaled = ", ".join(f"{role} ×{f:g}" for role, f in plan.settings.step_speed)
+        lines.insert(1, f"step times scaled from the profile's (--step-speed): {scaled}")
     if plan.colocated is not None:
         col = plan.colocated
         lines.append(
