@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -64,12 +65,12 @@ from placement_validate_sim import (
     bench_lengths,
     bench_workload,
     rate_windows,
-    read_timeline,
     role_ranks,
     simulate,
     step_speed,
 )
 
+from distserve import timeline
 from distserve.bench.report import find_goodput
 from placement.evaluate import SLO, PhaseConfig, Placement, SimSettings
 from placement.profile_format import load_profile, save_profile
@@ -364,6 +365,12 @@ def gap_split(requests: list[dict[str, Any]]) -> tuple[float, float]:
     return median(first), median(rest)
 
 
+@functools.cache
+def _timelines(folder: str) -> dict[int, timeline.ProcessTimeline]:
+    """A cluster's timeline folder, read once for its calibration run and every rate."""
+    return timeline.read(folder)
+
+
 def run_speed(
     args: argparse.Namespace,
     model: Any,
@@ -379,9 +386,10 @@ def run_speed(
     info = report.get("timeline")
     if not info or not Path(info["folder"]).exists():
         return None
-    lines = read_timeline(Path(info["folder"]))
+    timelines = _timelines(info["folder"])
+    empty = timeline.ProcessTimeline()
     window = rate_windows(
-        lines.get(info["client_pid"], []),
+        timelines.get(info["client_pid"], empty),
         args.warmup_requests,
         per_rate or args.num_prompts,
         num_rates,
@@ -391,7 +399,9 @@ def run_speed(
         cfg = {"prefill": p.prefill, "decode": p.decode, "colocated": p.colocated}[role]
         lat = model.latency(cfg.tp, cfg.pp)
         pids = [info["rank_pids"][int(r.removeprefix("rank"))] for r in ranks]
-        speeds = [s for pid in pids if (s := step_speed(lines.get(pid, []), lat, role, window))]
+        speeds = [
+            s for pid in pids if (s := step_speed(timelines.get(pid, empty), lat, role, window))
+        ]
         if speeds:
             out[role] = sum(speeds) / len(speeds)
     return out or None

@@ -6,21 +6,21 @@ speed of a live run.
 Poisson gaps drawn with that same seed at every rate, scaled by 1 / rate. ``distserve bench``
 has done so since before this script existed, and the script simulated seed + rate index until
 2026-11-21 19:55: every earlier comparison simulated other arrival times than the bench sent at
-its second and later rates). ``step_speed`` reads a run's ``DISTSERVE_TIMELINE`` files: how
-much longer an instance's steps took than the profile gives for the same batches.
+its second and later rates). ``step_speed`` takes a process's steps from a run's
+``DISTSERVE_TIMELINE`` (``distserve.timeline.read``): how much longer they took than the
+profile gives for the same batches.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
 from distserve.bench import workloads
 from distserve.bench.arrivals import gamma_arrivals
 from distserve.bench.workloads import WorkloadRequest
+from distserve.timeline import ProcessTimeline
 from placement.evaluate import SLO, Evaluator, Placement, SimSettings
 from placement.latency_model import LatencyModel
 from placement.profile_format import ModelProfile
@@ -110,38 +110,23 @@ def predicted_step_ms(lat: LatencyModel, role: str, new: list[int], computed: li
     return work + (lat.decode_ms(decodes, ctx) if decodes else lat.prefill[0])
 
 
-def read_timeline(folder: Path) -> dict[int, list[str]]:
-    """``DISTSERVE_TIMELINE`` files by process id: their lines."""
-    return {int(p.stem): p.read_text().splitlines() for p in folder.glob("*.tsv")}
-
-
 def rate_windows(
-    client_lines: list[str], warmup: int, per_rate: int, num_rates: int
+    client: ProcessTimeline, warmup: int, per_rate: int, num_rates: int
 ) -> list[tuple[float, float]]:
     """(start, end) of each rate's run in a bench process's timeline: its requests in send
     order, the warm-up first, then ``per_rate`` per rate (a rate starts when the previous one
     has finished)."""
-    sends = sorted(
-        float(t) for t, _, ev in (x.split("\t") for x in client_lines) if ev == "client.send"
-    )
+    sends = sorted(t for t, _, event in client.events if event == "client.send")
     starts = [sends[warmup + i * per_rate] for i in range(num_rates)]
     return list(zip(starts, [*starts[1:], float("inf")], strict=True))
 
 
 def step_speed(
-    lines: list[str], lat: LatencyModel, role: str, window: tuple[float, float]
+    proc: ProcessTimeline, lat: LatencyModel, role: str, window: tuple[float, float]
 ) -> float | None:
     """How much longer the steps one process ran in ``window`` took than the profile says:
     their summed measured time over their summed predicted time (None: no step)."""
-    measured = predicted = 0.0
-    for line in lines:
-        end, rid, event = line.split("\t")
-        if rid != "-":
-            continue
-        _, start, rest = event.split(" ", 2)
-        if not window[0] <= float(start) < window[1]:
-            continue
-        new, computed = (json.loads(x) for x in rest.replace("] [", "]\t[").split("\t"))
-        measured += 1e3 * (float(end) - float(start))
-        predicted += predicted_step_ms(lat, role, new, computed)
+    steps = [s for s in proc.steps if window[0] <= s.start_s < window[1]]
+    predicted = sum(predicted_step_ms(lat, role, s.new_tokens, s.computed) for s in steps)
+    measured = sum(1e3 * (s.end_s - s.start_s) for s in steps)
     return measured / predicted if predicted else None

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from distserve import timeline
+
 EVENTS = (
     "client.send",
     "router.recv",
@@ -51,69 +53,49 @@ EVENTS = (
 )
 
 
-def read_timelines(directory: Path) -> dict[str, dict[str, float]]:
-    """request id → event → the first time it happened (one file per process, merged)."""
+def first_events(timelines: dict[int, timeline.ProcessTimeline]) -> dict[str, dict[str, float]]:
+    """request id → event → the first time any process recorded it."""
     out: dict[str, dict[str, float]] = defaultdict(dict)
-    for path in directory.glob("*.tsv"):
-        for line in path.read_text().splitlines():
-            t, rid, event = line.split("\t")
+    for proc in timelines.values():
+        for t, rid, event in proc.events:
             seen = out[rid]
-            if event not in seen or float(t) < seen[event]:
-                seen[event] = float(t)
+            if event not in seen or t < seen[event]:
+                seen[event] = t
     return out
 
 
-def read_steps(directory: Path) -> list[tuple[float, float, list[int], list[int]]]:
-    """Every model step of every process: (start, end, new tokens, cached tokens) per step."""
-    steps = []
-    for path in directory.glob("*.tsv"):
-        for line in path.read_text().splitlines():
-            end, rid, event = line.split("\t")
-            if rid != "-":
-                continue
-            _, start, rest = event.split(" ", 2)
-            new, cached = rest.split("] [")
-            steps.append(
-                (float(start), float(end), json.loads(new + "]"), json.loads("[" + cached))
-            )
-    return steps
-
-
 def prefill_steps(
-    steps: list[tuple[float, float, list[int], list[int]]], t0: float, t1: float, latency: Any
+    timelines: dict[int, timeline.ProcessTimeline], t0: float, t1: float, latency: Any
 ) -> dict[str, float]:
     """The steps in [t0, t1] that only prefill (every request computes > 1 token): measured
     duration against the profile's prediction for the same prompts."""
-    rows = [s for s in steps if t0 <= s[0] <= t1 and min(s[2]) > 1]
+    rows = [
+        s
+        for proc in timelines.values()
+        for s in proc.steps
+        if t0 <= s.start_s <= t1 and min(s.new_tokens) > 1
+    ]
     if not rows:
         return {}
-    measured = np.array([(end - start) * 1e3 for start, end, _, _ in rows])
+    measured = np.array([(s.end_s - s.start_s) * 1e3 for s in rows])
     out = {
         "num_steps": len(rows),
-        "prompts_per_step_mean": float(np.mean([len(s[2]) for s in rows])),
+        "prompts_per_step_mean": float(np.mean([len(s.new_tokens) for s in rows])),
         "measured_p50_ms": float(np.median(measured)),
         "measured_mean_ms": float(measured.mean()),
     }
     if latency is not None:
-        predicted = np.array([latency.prefill_ms(s[2]) for s in rows])
+        predicted = np.array([latency.prefill_ms(s.new_tokens) for s in rows])
         out["predicted_p50_ms"] = float(np.median(predicted))
         out["predicted_mean_ms"] = float(predicted.mean())
         ratio = measured / predicted
         out["ratio_p50"] = float(np.median(ratio))
-        sizes = np.array([len(s[2]) for s in rows])
+        sizes = np.array([len(s.new_tokens) for s in rows])
         for label, pick in (("1", sizes == 1), ("2", sizes == 2), ("3+", sizes >= 3)):
             if pick.any():  # larger batches come with bursts, when every process is busier
                 out[f"ratio_p50_{label}_prompts"] = float(np.median(ratio[pick]))
                 out[f"num_steps_{label}_prompts"] = int(pick.sum())
     return out
-
-
-def client_requests(directory: Path, pid: int) -> set[str]:
-    """The requests one bench process sent (its own timeline file)."""
-    path = directory / f"{pid}.tsv"
-    if not path.exists():
-        return set()
-    return {line.split("\t")[1] for line in path.read_text().splitlines()}
 
 
 def hops(timelines: dict[str, dict[str, float]], rids: set[str]) -> dict[str, dict[str, float]]:
@@ -188,13 +170,13 @@ def main() -> None:
                 client = subprocess.Popen(cmd)
                 if client.wait() != 0:
                     raise SystemExit(f"distserve bench failed (exit {client.returncode})")
-                rids = client_requests(directory, client.pid)
+                timelines = timeline.read(directory)
+                bench = timelines.get(client.pid)  # the requests this bench process sent
+                rids = {rid for _, rid, _ in bench.events} if bench else set()
                 report = json.loads(out.read_text())["results"][0]
                 results[str(rate)] = {
-                    "hops": hops(read_timelines(directory), rids),
-                    "prefill_steps": prefill_steps(
-                        read_steps(directory), t0, time.monotonic(), latency
-                    ),
+                    "hops": hops(first_events(timelines), rids),
+                    "prefill_steps": prefill_steps(timelines, t0, time.monotonic(), latency),
                     "bench_ttft_p50_ms": 1e3 * report["ttft_s"]["median"],
                 }
         del os.environ["DISTSERVE_TIMELINE"]

@@ -4,8 +4,8 @@ Set ``DISTSERVE_TIMELINE=DIR`` and every distserve process that reaches :func:`m
 client, the router, each instance's servicer and engine thread) appends one line per event to
 ``DIR/<pid>.tsv``: the time (``time.monotonic()``), the request id and the event's name. On
 Linux that clock is ``CLOCK_MONOTONIC``, one clock for every process of the machine, so the
-files merge into one timeline per request (``benchmarks/request_timeline.py`` does, and
-prints how long each hop took). Unset (the default), :func:`mark` costs one check.
+files merge into one timeline per request (:func:`read` reads a folder back;
+``benchmarks/request_timeline.py`` prints how long each hop took). Unset (the default), :func:`mark` costs one check.
 
 Events, in a disaggregated request's order (a colocated one skips the ``prefill`` hops):
 
@@ -24,9 +24,12 @@ Events, in a disaggregated request's order (a colocated one skips the ``prefill`
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from distserve.envs import timeline_dir
 
@@ -63,3 +66,40 @@ def _write(line: str) -> None:
             os.makedirs(_DIR, exist_ok=True)
             _file = open(os.path.join(_DIR, f"{os.getpid()}.tsv"), "a", buffering=1)  # noqa: SIM115
         _file.write(line)
+
+
+# ---- reading -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One engine step: when it ran and, per request, tokens computed and already cached."""
+
+    start_s: float
+    end_s: float
+    new_tokens: list[int]
+    computed: list[int]
+
+
+@dataclass
+class ProcessTimeline:
+    """What one process wrote: its request events (time, request id, event) and its steps."""
+
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+
+def read(folder: str | os.PathLike[str]) -> dict[int, ProcessTimeline]:
+    """Every process's timeline in ``folder``, by process id."""
+    out = {}
+    for path in Path(folder).glob("*.tsv"):
+        proc = out[int(path.stem)] = ProcessTimeline()
+        for line in path.read_text().splitlines():
+            t, rid, event = line.split("\t")
+            if rid != "-":
+                proc.events.append((float(t), rid, event))
+                continue
+            _, start, lists = event.split(" ", 2)
+            new, computed = lists.split("] [")
+            proc.steps.append(
+                Step(float(start), float(t), json.loads(new + "]"), json.loads("[" + computed))
+            )
+    return out

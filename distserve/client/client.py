@@ -37,14 +37,7 @@ from distserve.client.types import (
 )
 from distserve.rpc.options import channel_options
 
-# Streams of long generations carry many small messages; no size limits beyond gRPC's defaults.
-
 T = TypeVar("T")
-
-
-def _channel_options() -> list[tuple[str, int]]:
-    # keepalive, gRPC's default message limits, no transparent retries (the caller decides)
-    return channel_options(max_message_bytes=None, retries=False)
 
 
 class Client:
@@ -60,7 +53,9 @@ class Client:
     ) -> None:
         self.endpoint = normalize_endpoint(endpoint)
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(self.endpoint, options=_channel_options())
+        # keepalive, gRPC's default message limits, no transparent retries (the caller decides)
+        options = channel_options(max_message_bytes=None, retries=False)
+        self._channel = grpc.insecure_channel(self.endpoint, options=options)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
         self._loop: _LoopThread | None = None
         if multiplex:

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from distserve import timeline
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -46,6 +48,15 @@ def test_engine_writes_each_requests_events_in_order(tiny_llama: Path, tmp_path:
     # the first step prefills both prompts; the next two decode one token each
     assert steps[0].split(" ", 2)[2] == "[5, 3] [0, 0]"
     assert [s.split(" ", 2)[2] for s in steps[1:]] == ["[1, 1] [5, 3]", "[1, 1] [6, 4]"]
+    # and distserve.timeline.read gives the same back
+    [proc] = timeline.read(folder).values()
+    assert [(s.new_tokens, s.computed) for s in proc.steps] == [
+        ([5, 3], [0, 0]), ([1, 1], [5, 3]), ([1, 1], [6, 4])
+    ]  # fmt: skip
+    assert all(s.start_s < s.end_s for s in proc.steps)
+    assert {(rid, ev) for _, rid, ev in proc.events} == {
+        (rid, ev) for rid, evs in events.items() for ev in evs
+    }
 
 
 def test_nothing_is_written_when_unset(tiny_llama: Path, tmp_path: Path) -> None:
