@@ -31,13 +31,14 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
 
 from distserve._proto import generation_pb2, generation_pb2_grpc
 from distserve.client.errors import DistserveError, InvalidRequest, from_status
-from distserve.rpc.multiplex import STATUS_CODES, Inbox, Outbox
+from distserve.rpc.multiplex import STATUS_CODES, ClientStream, Inbox, Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +74,20 @@ def fresh_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
 
 
-class MultiplexedStream:
-    """One open ``GenerateStream`` and the requests on it; dead once it broke or was closed."""
+class MultiplexedStream(ClientStream[generation_pb2.GenerateCalls]):
+    """One open ``GenerateStream`` and the requests on it; dead once it broke or was closed.
+    A request's inbox gets (arrival_s, event) pairs."""
 
     def __init__(self, stub: generation_pb2_grpc.GenerationStub, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.loop = asyncio.get_running_loop()
-        self.call = stub.GenerateStream()
-        self.inboxes: dict[str, Inbox] = {}  # request id -> its (arrival_s, event) pairs
-        self.outbox: Outbox[generation_pb2.GenerateCalls] = Outbox(
+        self.has_answered = False  # some message came back on this stream
+        outbox: Outbox[generation_pb2.GenerateCalls] = Outbox(
             generation_pb2.GenerateCalls,
             "calls",
             max_entries=MAX_CALLS_PER_MESSAGE,
             max_size=MAX_BYTES_PER_MESSAGE,
         )
-        self.is_dead = False
-        self.has_answered = False  # some message came back on this stream
-        self.writer = self.loop.create_task(self._write())
-        self.reader = self.loop.create_task(self._read())
+        super().__init__(stub.GenerateStream(), outbox)
 
     # ---- requests ------------------------------------------------------------------------
     def open(
@@ -102,34 +99,19 @@ class MultiplexedStream:
             raise InvalidRequest(
                 f"request {rid} is already in flight on this client", code="INVALID_ARGUMENT"
             )
-        inbox = Inbox(self.loop)
-        if timeout_s is not None:
-            deadline_error = functools.partial(
-                from_status, grpc.StatusCode.DEADLINE_EXCEEDED, "", self.endpoint, timeout_s
-            )
-            inbox.expire_after(timeout_s, deadline_error)
-        self.inboxes[rid] = inbox
-        self.outbox.add(size, request=request)
-        return inbox
+        deadline_error = functools.partial(
+            from_status, grpc.StatusCode.DEADLINE_EXCEEDED, "", self.endpoint, timeout_s
+        )
+        return self._open(rid, size, timeout_s, deadline_error, request=request)
 
     def release(self, rid: str, cancel: bool) -> None:
         """The caller is done with ``rid``; ``cancel``: the router may still be running it."""
-        inbox = self.inboxes.pop(rid, None)
-        if inbox is None:
-            return
-        inbox.cancel_timer()
-        if cancel and not self.is_dead:
-            self.outbox.add(len(rid), cancel=rid)
+        self._release(rid, cancel, len(rid), cancel=rid)
 
     # ---- the stream ----------------------------------------------------------------------
     async def _write(self) -> None:
         try:
-            while True:
-                await self.outbox.wake.wait()
-                self.outbox.wake.clear()
-                while (message := self.outbox.take()) is not None:
-                    # While this write is in flight, new entries gather into the next message.
-                    await self.call.write(message)
+            await self._send()
         except grpc.aio.AioRpcError as exc:
             # The call is over. Its status comes with the reader's next read: the write's own
             # error can be a transport-level INTERNAL that hides the router's answer (e.g.
@@ -165,25 +147,14 @@ class MultiplexedStream:
 
     def fail(self, code: grpc.StatusCode, details: str) -> None:
         """End the stream: every open request fails with ``code``; the next opens a new one."""
-        if self.is_dead:
-            return
-        self.is_dead = True
-        if code != grpc.StatusCode.CANCELLED:
+        unimplemented = code == grpc.StatusCode.UNIMPLEMENTED
+        error: Callable[[], BaseException]
+        if unimplemented or (code == grpc.StatusCode.INTERNAL and not self.has_answered):
+            error = functools.partial(NotServed, details, unimplemented)
+        else:
+            error = functools.partial(from_status, code, details, self.endpoint, None)
+        if self._end(error) and code != grpc.StatusCode.CANCELLED:
             logger.info("GenerateStream to %s ended: %s: %s", self.endpoint, code.name, details)
-        self.call.cancel()  # the router aborts whatever still runs for this stream
-        current = asyncio.current_task()
-        for task in (self.writer, self.reader):
-            if task is not current:
-                task.cancel()
-        for inbox in self.inboxes.values():
-            inbox.cancel_timer()
-            unimplemented = code == grpc.StatusCode.UNIMPLEMENTED
-            if unimplemented or (code == grpc.StatusCode.INTERNAL and not self.has_answered):
-                inbox.put(NotServed(details, unimplemented))
-            else:
-                inbox.put(from_status(code, details, self.endpoint, None))
-        self.inboxes.clear()
-        self.outbox.clear()
 
     async def close(self) -> None:
         """Cancel the stream: what is in flight fails (CANCELLED) and is aborted on the router."""

@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 
 from distserve._proto import instance_pb2, instance_pb2_grpc
-from distserve.rpc.multiplex import STATUS_CODES, Inbox, Outbox
+from distserve.rpc.multiplex import STATUS_CODES, ClientStream, Inbox, Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +75,19 @@ _DEADLINE_EXCEEDED = functools.partial(
 )
 
 
-class _Stream:
+class _Stream(ClientStream[instance_pb2.SessionCalls]):
     """One open ``Session`` call and the requests on it; dead once it broke or was closed."""
 
     def __init__(self, instance_id: str, stub: instance_pb2_grpc.InstanceStub) -> None:
         self.instance_id = instance_id
-        self.loop = asyncio.get_running_loop()
-        self.call = stub.Session()
-        self.inboxes: dict[str, Inbox] = {}  # request id -> its SessionEvents
         # an entry's size: its prompt token ids
-        self.outbox: Outbox[instance_pb2.SessionCalls] = Outbox(
+        outbox: Outbox[instance_pb2.SessionCalls] = Outbox(
             instance_pb2.SessionCalls,
             "calls",
             max_entries=MAX_CALLS_PER_MESSAGE,
             max_size=MAX_TOKENS_PER_MESSAGE,
         )
-        self.is_dead = False
-        self.writer = self.loop.create_task(self._write())
-        self.reader = self.loop.create_task(self._read())
+        super().__init__(stub.Session(), outbox)
 
     # ---- requests ------------------------------------------------------------------------
     def open(self, kind: str, rid: str, request: Any, timeout_s: float | None) -> Inbox:
@@ -105,31 +100,16 @@ class _Stream:
             )
         prompt = request.request if kind == "decode" else request
         num_tokens = len(prompt.prompt_token_ids)
-        inbox = Inbox(self.loop)
-        if timeout_s is not None:
-            inbox.expire_after(timeout_s, _DEADLINE_EXCEEDED)
-        self.inboxes[rid] = inbox
-        self.outbox.add(num_tokens, **{kind: request})
-        return inbox
+        return self._open(rid, num_tokens, timeout_s, _DEADLINE_EXCEEDED, **{kind: request})
 
     def release(self, rid: str, abort: bool) -> None:
         """The caller is done with ``rid``; ``abort``: the instance may still be running it."""
-        inbox = self.inboxes.pop(rid, None)
-        if inbox is None:
-            return
-        inbox.cancel_timer()
-        if abort and not self.is_dead:
-            self.outbox.add(0, abort=rid)
+        self._release(rid, abort, 0, abort=rid)
 
     # ---- the stream ----------------------------------------------------------------------
     async def _write(self) -> None:
         try:
-            while True:
-                await self.outbox.wake.wait()
-                self.outbox.wake.clear()
-                while (message := self.outbox.take()) is not None:
-                    # While this write is in flight, new entries gather into the next message.
-                    await self.call.write(message)
+            await self._send()
         except Exception as exc:  # the call ended: AioRpcError, InvalidStateError
             self.fail(f"sending failed: {_describe(exc)}")
 
@@ -154,21 +134,9 @@ class _Stream:
 
     def fail(self, why: str) -> None:
         """End the stream: every open request fails UNAVAILABLE; the next one opens a new one."""
-        if self.is_dead:
-            return
-        self.is_dead = True
-        logger.info("session with %s ended: %s", self.instance_id, why)
-        self.call.cancel()  # the instance aborts whatever still runs for this session
-        current = asyncio.current_task()
-        for task in (self.writer, self.reader):
-            if task is not current:
-                task.cancel()
         details = f"session with {self.instance_id} ended: {why}"
-        for inbox in self.inboxes.values():
-            inbox.cancel_timer()
-            inbox.put(SessionCallError(grpc.StatusCode.UNAVAILABLE, details))
-        self.inboxes.clear()
-        self.outbox.clear()
+        if self._end(lambda: SessionCallError(grpc.StatusCode.UNAVAILABLE, details)):
+            logger.info("session with %s ended: %s", self.instance_id, why)
 
     async def wait_closed(self) -> None:
         await asyncio.gather(self.writer, self.reader, return_exceptions=True)

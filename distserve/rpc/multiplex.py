@@ -21,8 +21,9 @@ A request's life on the server half, by request id::
 When the peer half-closes, the requests already running finish, then the response stream
 ends. A :class:`CallError` touches only its own request.
 
-The client half keeps its own stream, reader and writer tasks and error types, and builds on
-:class:`Outbox` (entries out) and :class:`Inbox` (one request's events in)::
+The client half (:class:`ClientStream`; each service's subclass opens its call, reads its
+events and names its errors) builds on :class:`Outbox` (entries out) and :class:`Inbox` (one
+request's events in)::
 
     callers ──entries──▶ Outbox ──writer task──calls──▶ server
     callers ◀── Inbox.get() ◀── one Inbox per request ◀── reader task ◀──events── server
@@ -172,6 +173,83 @@ class Inbox:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+class ClientStream(Generic[M]):
+    """The client half of one open stream: each request's :class:`Inbox`, the :class:`Outbox`
+    of entries, the writer and reader tasks, and ending the stream. Subclasses (the router's
+    ``Session`` to an instance, the SDK's ``GenerateStream``) open the call, write ``_write``
+    around :meth:`_send` and ``_read`` into :attr:`inboxes`, and say what a broken stream's
+    requests fail with (:meth:`_end`)."""
+
+    def __init__(self, call: Any, outbox: Outbox[M]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.call = call
+        self.outbox = outbox
+        self.inboxes: dict[str, Inbox] = {}  # request id -> its events
+        self.is_dead = False
+        self.writer = self.loop.create_task(self._write())
+        self.reader = self.loop.create_task(self._read())
+
+    async def _write(self) -> None:
+        raise NotImplementedError
+
+    async def _read(self) -> None:
+        raise NotImplementedError
+
+    def _open(
+        self,
+        rid: str,
+        size: int,
+        timeout_s: float | None,
+        deadline_error: Callable[[], BaseException],
+        /,
+        **entry: Any,
+    ) -> Inbox:
+        """Queue ``entry`` for the next message; the inbox of ``rid``'s events."""
+        inbox = Inbox(self.loop)
+        if timeout_s is not None:
+            inbox.expire_after(timeout_s, deadline_error)
+        self.inboxes[rid] = inbox
+        self.outbox.add(size, **entry)
+        return inbox
+
+    def _release(self, rid: str, tell_peer: bool, size: int, /, **cancel_entry: Any) -> None:
+        """The caller is done with ``rid``; ``tell_peer``: queue ``cancel_entry`` (the peer may
+        still be running the request)."""
+        inbox = self.inboxes.pop(rid, None)
+        if inbox is None:
+            return
+        inbox.cancel_timer()
+        if tell_peer and not self.is_dead:
+            self.outbox.add(size, **cancel_entry)
+
+    async def _send(self) -> None:
+        """Write every message as entries arrive; returns only by raising (the call failed)."""
+        while True:
+            await self.outbox.wake.wait()
+            self.outbox.wake.clear()
+            while (message := self.outbox.take()) is not None:
+                # While this write is in flight, new entries gather into the next message.
+                await self.call.write(message)
+
+    def _end(self, error: Callable[[], BaseException]) -> bool:
+        """End the stream (False: it had ended already): cancel the call, which makes the peer
+        abort what it still runs, and the other task; every open request gets ``error()``."""
+        if self.is_dead:
+            return False
+        self.is_dead = True
+        self.call.cancel()
+        current = asyncio.current_task()
+        for task in (self.writer, self.reader):
+            if task is not current:
+                task.cancel()
+        for inbox in self.inboxes.values():
+            inbox.cancel_timer()
+            inbox.put(error())
+        self.inboxes.clear()
+        self.outbox.clear()
+        return True
 
 
 class RequestPump(Generic[M]):
