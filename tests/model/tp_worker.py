@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -50,3 +51,7 @@ def run_rank(
             torch.save(run_scenario(model), Path(out_dir) / f"{name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # The results are saved: leave without interpreter finalization, where gloo's threads
+    # can abort the rank ("terminate called without an active exception", SIGABRT; seen in 3
+    # of about 25 runs on 2026-11-21) and fail a test whose ranks computed the right answer.
+    os._exit(0)
