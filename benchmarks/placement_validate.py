@@ -32,7 +32,7 @@ speed they ran at while that rate was measured (a reconstruction). A speed is th
 of an instance's steps over the profile's time for the same batches, read from the run's
 ``DISTSERVE_TIMELINE`` (kept in ``WORKDIR/timeline``). The last separates the simulator's model
 of serving (queues, batching, chunking, the KV hand-off) from the profile going stale: on this
-VM the same step's time drifts by 10–20% within minutes, and the router and the bench client
+VM the same step's time drifts within minutes, and the router and the bench client
 share the cores that stand for devices.
 
 Each row also splits a request's TPOT: the first gap (first token → second token: for the
